@@ -1,0 +1,114 @@
+"""The one block loop behind every streamed reduction.
+
+`block_scan` walks a row set in fixed-size blocks with `lax.scan`, carrying a running
+state; top-k search, threshold pairs, all-pairs statistics and blocked attention are
+each just a `step` function (how one block updates the state). `block_map` splits the
+other side (queries) into blocks with `lax.map`, so that temporaries stay
+O(query_block x corpus_block) however many rows either side has.
+
+Blocks are made by padding the row axis up to a multiple of the block size; `step`
+receives a `valid` mask so padding never reaches a result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def _axis_size(tree: PyTree, axis: int) -> int:
+  sizes = {leaf.shape[axis] for leaf in jax.tree.leaves(tree)}
+  if len(sizes) != 1:
+    raise ValueError(f"All leaves must share the size of axis {axis}, got sizes {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def _to_blocks(tree: PyTree, block_size: int, num_blocks: int, axis: int) -> PyTree:
+  """Pads `axis` to `num_blocks * block_size` and splits it into a leading block axis."""
+
+  def split(leaf):
+    ax = axis % leaf.ndim
+    pad = num_blocks * block_size - leaf.shape[ax]
+    if pad:
+      widths = [(0, 0)] * leaf.ndim
+      widths[ax] = (0, pad)
+      leaf = jnp.pad(leaf, widths)
+    leaf = leaf.reshape(leaf.shape[:ax] + (num_blocks, block_size) + leaf.shape[ax + 1:])
+    return jnp.moveaxis(leaf, ax, 0)
+
+  return jax.tree.map(split, tree)
+
+
+def num_blocks(size: int, block_size: int) -> int:
+  return max(1, -(-size // block_size))
+
+
+def block_scan(step: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree], init: PyTree,
+               xs: PyTree, *, block_size: int | None, axis: int = 0,
+               remat: bool = True) -> PyTree:
+  """Folds `step` over blocks of `xs` along `axis`.
+
+  Args:
+    step: `step(carry, block, start, valid) -> carry`, where `block` is `xs` cut to
+      `block_size` rows along `axis`, `start` the int32 index of its first row, and
+      `valid` a `(block_size,)` bool mask, False on padding rows.
+    init: the initial carry.
+    xs: pytree of arrays that share the size `m` of `axis`.
+    block_size: rows per block; `None` or `>= m` runs `step` once on all of `xs`.
+    axis: the row axis of every leaf of `xs`.
+    remat: recompute each block in the backward pass (`jax.checkpoint`) instead of
+      storing its temporaries, so gradients also stay O(block) in memory.
+
+  Returns:
+    The final carry.
+  """
+  m = _axis_size(xs, axis)
+  if block_size is None or block_size >= m:
+    return step(init, xs, jnp.int32(0), jnp.ones((m,), bool))
+  nb = num_blocks(m, block_size)
+  blocks = _to_blocks(xs, block_size, nb, axis)
+  starts = jnp.arange(nb, dtype=jnp.int32) * block_size
+  offsets = jnp.arange(block_size, dtype=jnp.int32)
+  body_step = jax.checkpoint(step) if remat else step
+
+  def body(carry, inputs):
+    block, start = inputs
+    return body_step(carry, block, start, start + offsets < m), None
+
+  carry, _ = jax.lax.scan(body, init, (blocks, starts))
+  return carry
+
+
+def block_map(fn: Callable[[PyTree], PyTree], xs: PyTree, *, block_size: int | None,
+              axis: int = 0) -> PyTree:
+  """Applies `fn` to blocks of `xs` along `axis` one at a time and concatenates.
+
+  Args:
+    fn: maps a block of `block_size` rows to a pytree whose leaves keep the row axis
+      at `axis` with `block_size` rows. Rows must be independent: padding rows are
+      computed and then dropped.
+    xs: pytree of arrays sharing the size `n` of `axis`.
+    block_size: rows per block; `None` or `>= n` calls `fn` once on all of `xs`.
+    axis: the row axis.
+
+  Returns:
+    `fn` applied to all `n` rows, as if called once.
+  """
+  n = _axis_size(xs, axis)
+  if block_size is None or block_size >= n:
+    return fn(xs)
+  nb = num_blocks(n, block_size)
+  out = jax.lax.map(fn, _to_blocks(xs, block_size, nb, axis))
+
+  def merge(leaf):
+    ax = axis % (leaf.ndim - 1)
+    leaf = jnp.moveaxis(leaf, 0, ax)
+    leaf = leaf.reshape(leaf.shape[:ax] + (nb * block_size,) + leaf.shape[ax + 2:])
+    return jax.lax.slice_in_dim(leaf, 0, n, axis=ax)
+
+  return jax.tree.map(merge, out)

@@ -1,0 +1,93 @@
+"""Input checks shared by every public function: dtype, rank and feature dims.
+
+Checks run on static shapes and dtypes only, so they cost nothing under `jit` and
+work the same on tracers and concrete arrays.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+
+def as_float_array(value: ArrayLike, name: str) -> jax.Array | np.ndarray:
+  """Returns `value` as a real floating array, promoting integers and bools.
+
+  Arrays that are already floating pass through untouched (no copy, no device
+  transfer), which keeps eager calls cheap.
+
+  Raises:
+    TypeError: if `value` is not array-like, or is complex or non-numeric.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)):
+    dtype = value.dtype
+  else:
+    if isinstance(value, (str, bytes)) or value is None:
+      raise TypeError(f"`{name}` must be an array, got {type(value).__name__}.")
+    try:
+      value = np.asarray(value)
+    except (TypeError, ValueError) as err:
+      raise TypeError(f"`{name}` must be array-like, got {type(value).__name__}: {err}") from None
+    dtype = value.dtype
+  if dtype.kind == "f":
+    return value
+  if dtype.kind in "iub":
+    # The default float: float32, or float64 under `jax_enable_x64`.
+    return jnp.asarray(value, jax.dtypes.canonicalize_dtype(jnp.float64))
+  if dtype.kind == "c":
+    raise TypeError(f"`{name}` must be real, got complex dtype {dtype}.")
+  if jnp.issubdtype(dtype, jnp.floating):  # bfloat16 and friends report kind "V"
+    return value
+  raise TypeError(f"`{name}` must be a numeric array, got dtype {dtype}.")
+
+
+def check_rank(arr: jax.Array, name: str, *, min_rank: int = 1, max_rank: int | None = None):
+  if arr.ndim < min_rank or (max_rank is not None and arr.ndim > max_rank):
+    want = f"at least {min_rank}" if max_rank is None else (
+        f"{min_rank}" if min_rank == max_rank else f"{min_rank} to {max_rank}")
+    raise ValueError(
+        f"`{name}` must have rank {want}, got shape {arr.shape} (rank {arr.ndim}).")
+
+
+def pair(x: ArrayLike, y: ArrayLike | None, *, x_name: str = "x",
+         y_name: str = "y") -> tuple[jax.Array, jax.Array | None]:
+  """Validates a `(..., n, d)` / `(..., m, d)` pair of row sets.
+
+  Returns:
+    `(x, y)` as floating arrays of a common dtype; `y` stays `None` when absent.
+
+  Raises:
+    TypeError: on complex or non-numeric inputs.
+    ValueError: on rank-0 inputs, mismatched feature dims or batch dims that do not
+      broadcast.
+  """
+  x = as_float_array(x, x_name)
+  check_rank(x, x_name)
+  if y is None:
+    return x, None
+  y = as_float_array(y, y_name)
+  check_rank(y, y_name)
+  if x.shape[-1] != y.shape[-1]:
+    raise ValueError(
+        f"`{x_name}` and `{y_name}` must have the same feature dim (last axis), got "
+        f"{x_name}.shape={x.shape} and {y_name}.shape={y.shape}.")
+  try:
+    np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+  except ValueError:
+    raise ValueError(
+        f"Batch dims of `{x_name}` and `{y_name}` do not broadcast: "
+        f"{x_name}.shape={x.shape}, {y_name}.shape={y.shape}.") from None
+  if x.dtype != y.dtype:
+    dtype = jnp.promote_types(x.dtype, y.dtype)
+    x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+  return x, y
+
+
+def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  return int(value)

@@ -1,0 +1,63 @@
+"""The shared block loop: results independent of block size, padding invisible."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsim._src import blockscan
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 3, 7, 10, 64])
+def test_block_scan_sums_and_counts_every_row_once(block_size):
+  x = jnp.arange(10.0 * 3).reshape(10, 3)
+
+  def step(carry, block, start, valid):
+    total, count, first = carry
+    total = total + jnp.sum(jnp.where(valid[:, None], block, 0.0), axis=0)
+    return total, count + jnp.sum(valid), jnp.minimum(first, start)
+
+  total, count, first = blockscan.block_scan(
+      step, (jnp.zeros(3), jnp.int32(0), jnp.int32(99)), x, block_size=block_size)
+  np.testing.assert_allclose(total, np.asarray(x).sum(0))
+  assert int(count) == 10 and int(first) == 0
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_block_scan_passes_blocks_along_axis_with_their_start(axis):
+  x = jax.random.normal(jax.random.key(0), (5, 11, 2) if axis == 1 else (11, 5, 2))
+
+  def step(carry, block, start, valid):
+    rows = jnp.moveaxis(block, axis, 0)
+    idx = start + jnp.arange(rows.shape[0])
+    return carry + jnp.sum(jnp.where(valid[:, None, None], rows * idx[:, None, None], 0.0))
+
+  want = np.sum(np.moveaxis(np.asarray(x), axis, 0) * np.arange(11)[:, None, None])
+  got = blockscan.block_scan(step, jnp.float32(0), x, block_size=4, axis=axis)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 4, 9])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_block_map_equals_unblocked(block_size, axis):
+  x = jax.random.normal(jax.random.key(1), (9, 6) if axis == 0 else (6, 9))
+  fn = lambda a: (jnp.tanh(a) * 2, jnp.sum(a, axis=1 - axis, keepdims=True))
+  got, want = blockscan.block_map(fn, x, block_size=block_size, axis=axis), fn(x)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_block_scan_gradient_matches_unblocked():
+  x = jax.random.normal(jax.random.key(2), (13, 4))
+
+  def blocked(a):
+    step = lambda c, b, s, v: c + jnp.sum(jnp.where(v[:, None], jnp.sin(b) ** 2, 0.0))
+    return blockscan.block_scan(step, jnp.float32(0), a, block_size=5)
+
+  np.testing.assert_allclose(jax.grad(blocked)(x), jax.grad(lambda a: jnp.sum(jnp.sin(a) ** 2))(x),
+                             rtol=1e-5)
+
+
+def test_block_scan_rejects_mismatched_leaves():
+  with pytest.raises(ValueError, match="share the size"):
+    blockscan.block_scan(lambda c, b, s, v: c, 0.0, (jnp.ones(3), jnp.ones(4)), block_size=2)
