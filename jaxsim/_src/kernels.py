@@ -166,8 +166,13 @@ def _pairwise(x, y, eps, scale, *, metric, precision):
   squeeze_x, squeeze_y = x.ndim == 1, (x if self_sim else y).ndim == 1
   if squeeze_x:
     x = x[None]
-  if not self_sim and squeeze_y:
-    y = y[None]
+  if not self_sim:
+    if squeeze_y:
+      y = y[None]
+    # Equal ranks, so batch dims broadcast by size only (user code may run with
+    # jax_numpy_rank_promotion="raise").
+    rank = max(x.ndim, y.ndim)
+    x, y = (a.reshape((1,) * (rank - a.ndim) + a.shape) for a in (x, y))
   shift = centre(x if self_sim else y) if metric in DISTANCES else None
   xp = prepare(x, metric, eps=eps, shift=shift)
   yp = xp if self_sim else prepare(y, metric, eps=eps, shift=shift)

@@ -1,0 +1,268 @@
+"""Core kernels against numpy, scikit-learn and scipy, plus properties and transforms."""
+
+import functools
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.spatial.distance as ssd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from absl.testing import parameterized
+from sklearn.metrics.pairwise import cosine_similarity, euclidean_distances
+
+import jaxsim
+from tests import reference
+
+FUNCS = {name: getattr(jaxsim, name) for name in reference.METRICS}
+TOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}
+
+
+def _rand(shape, seed=0, dtype=np.float32):
+  return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _assert_close(got, want, dtype=jnp.float32, scale=1.0):
+  tol = TOL[dtype]
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+@pytest.mark.parametrize(
+    "x_shape,y_shape",
+    [((7, 5), (9, 5)), ((3, 7, 5), (3, 9, 5)), ((2, 1, 4, 3), (5, 6, 3)), ((1, 8), (4, 8))],
+)
+def test_matches_numpy_reference(metric, x_shape, y_shape):
+  x, y = _rand(x_shape, 1), _rand(y_shape, 2)
+  got = FUNCS[metric](x, y)
+  want = reference.METRICS[metric](x, y)
+  assert got.shape == want.shape == np.broadcast_shapes(x_shape[:-2], y_shape[:-2]) + (
+      x_shape[-2], y_shape[-2])
+  _assert_close(got, want, scale=np.abs(want).max())
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+def test_self_similarity_equals_explicit_pair(metric):
+  x = _rand((6, 4), 3)
+  _assert_close(FUNCS[metric](x), reference.METRICS[metric](x, x), scale=10.0)
+
+
+def test_cosine_matches_sklearn_and_scipy():
+  x, y = _rand((20, 16), 4), _rand((11, 16), 5)
+  got = np.asarray(jaxsim.cosine(x, y))
+  np.testing.assert_allclose(got, cosine_similarity(x, y), atol=1e-5)
+  np.testing.assert_allclose(1.0 - got, ssd.cdist(x, y, "cosine"), atol=1e-5)
+
+
+@pytest.mark.parametrize("metric,scipy_name", [("sq_euclidean", "sqeuclidean"),
+                                               ("euclidean", "euclidean")])
+def test_distances_match_scipy_cdist_and_sklearn(metric, scipy_name):
+  # Offset far from the origin: the expansion |x|^2 + |y|^2 - 2xy would cancel
+  # badly without centring.
+  x, y = _rand((15, 8), 6) + 100.0, _rand((10, 8), 7) + 100.0
+  want = ssd.cdist(x.astype(np.float64), y.astype(np.float64), scipy_name)
+  np.testing.assert_allclose(FUNCS[metric](x, y), want, rtol=1e-4, atol=1e-3)
+  sk = euclidean_distances(x, y, squared=metric == "sq_euclidean")
+  np.testing.assert_allclose(FUNCS[metric](x, y), sk, rtol=1e-4, atol=1e-3)
+
+
+def test_scaled_dot_default_and_explicit_scale():
+  x, y = _rand((4, 16), 8), _rand((5, 16), 9)
+  _assert_close(jaxsim.scaled_dot(x, y), reference.dot(x, y) / 4.0, scale=5.0)
+  _assert_close(jaxsim.scaled_dot(x, y, scale=0.5), reference.dot(x, y) * 0.5, scale=5.0)
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+def test_vectors_give_scalars_and_rows_give_vectors(metric):
+  f = FUNCS[metric]
+  x, y = _rand((5,), 10), _rand((3, 5), 11)
+  assert f(x, x[::-1]).shape == ()
+  assert f(x).shape == ()
+  assert f(x, y).shape == (3,) and f(y, x).shape == (3,)
+  _assert_close(f(x, y), reference.METRICS[metric](x[None], y)[0], scale=10.0)
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+def test_pair_by_pair_vmap_equals_matrix(metric):
+  x, y = _rand((6, 4), 12), _rand((5, 4), 13)
+  f = FUNCS[metric]
+  pairwise_by_vmap = jax.vmap(jax.vmap(f, in_axes=(None, 0)), in_axes=(0, None))(x, y)
+  _assert_close(pairwise_by_vmap, np.asarray(f(x, y)), scale=10.0)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param(np.zeros((3, 4)), id="zeros"),
+        pytest.param(np.full((3, 4), 1e15), id="huge"),
+        pytest.param(np.full((3, 4), 1e-15) * np.arange(1, 5), id="tiny"),
+        pytest.param(np.full((3, 4), 1e-30) * np.arange(1, 5), id="tiniest"),
+        pytest.param(np.tile([[1.0, -2.0, 3.0, 0.5]], (3, 1)), id="duplicates"),
+    ],
+)
+def test_cosine_adversarial_rows(rows):
+  x = np.concatenate([rows, _rand((4, 4), 14)]).astype(np.float32)
+  got = np.asarray(jaxsim.cosine(x))
+  assert np.all(np.isfinite(got))
+  want = reference.cosine(x, x)
+  np.fill_diagonal(want, (np.linalg.norm(x.astype(np.float64), axis=1) > 0).astype(float))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # sklearn treats norms below ~1e-15 as zero; elsewhere it must agree.
+  if not np.any(rows) or np.abs(rows).max() > 1e-12:
+    np.testing.assert_allclose(got, cosine_similarity(x.astype(np.float64)), atol=1e-5)
+
+
+def test_cosine_of_zero_vector_is_zero_with_finite_gradient():
+  x = jnp.asarray(np.concatenate([np.zeros((1, 3)), _rand((2, 3), 15)]), jnp.float32)
+  s = jaxsim.cosine(x)
+  np.testing.assert_array_equal(s[0], 0.0)
+  np.testing.assert_array_equal(s[:, 0], 0.0)
+  g = jax.grad(lambda a: jnp.sum(jaxsim.cosine(a, x[1:]) ** 2))(x)
+  assert np.all(np.isfinite(g))
+
+
+def test_cosine_eps_thresholds_small_rows():
+  x = np.array([[1e-6, 0.0], [3.0, 4.0], [-1.0, 0.0]], np.float32)
+  np.testing.assert_allclose(jaxsim.cosine(x, eps=1e-3)[0], 0.0)
+  np.testing.assert_allclose(jaxsim.cosine(x, eps=0.0)[0], [1.0, 0.6, -1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_accumulates_in_float32_without_overflow(dtype):
+  # 300^2 * 64 = 5.8e6 overflows float16 if squared in float16.
+  big = jnp.full((3, 64), 300.0, dtype)
+  s = jaxsim.cosine(big)
+  assert s.dtype == dtype
+  np.testing.assert_allclose(np.asarray(s, np.float32), 1.0, atol=TOL[dtype])
+  x, y = _rand((8, 64), 16), _rand((5, 64), 17)
+  for metric in ("dot", "cosine", "scaled_dot"):
+    got = FUNCS[metric](jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+    assert got.dtype == dtype
+    want = reference.METRICS[metric](np.asarray(jnp.asarray(x, dtype), np.float64),
+                                     np.asarray(jnp.asarray(y, dtype), np.float64))
+    _assert_close(got, want, dtype, scale=np.abs(want).max())
+
+
+def test_precision_and_accumulation_type_reach_the_matmul():
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  text = str(jax.make_jaxpr(
+      functools.partial(jaxsim.cosine, precision=jax.lax.Precision.HIGHEST))(x, x))
+  assert text.count("dot_general") == 1
+  assert "preferred_element_type=float32" in text
+  assert "Precision.HIGHEST" in text
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+def test_dtypes_promote(metric):
+  f = FUNCS[metric]
+  assert f(np.arange(12).reshape(3, 4)).dtype == jnp.float32
+  assert f(np.ones((3, 4), bool), np.ones((2, 4), np.float32)).dtype == jnp.float32
+  assert f(jnp.ones((3, 4), jnp.float16), jnp.ones((2, 4), jnp.float32)).dtype == jnp.float32
+  ints = np.arange(12).reshape(3, 4)
+  _assert_close(f(ints), reference.METRICS[metric](ints, ints), scale=500.0)
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+@pytest.mark.parametrize("x_shape,y_shape", [((0, 4), (3, 4)), ((3, 4), (0, 4)), ((3, 0), (2, 0))])
+def test_empty_inputs(metric, x_shape, y_shape):
+  out = FUNCS[metric](np.ones(x_shape, np.float32), np.ones(y_shape, np.float32))
+  assert out.shape == (x_shape[0], y_shape[0])
+  assert np.all(np.isfinite(out))
+  if x_shape[1] == 0 and out.size:
+    np.testing.assert_array_equal(out, 0.0)
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+@pytest.mark.parametrize(
+    "x,y,error,match",
+    [
+        (np.ones((3, 4)), np.ones((3, 5)), ValueError, r"feature dim.*\(3, 4\).*\(3, 5\)"),
+        (np.float32(1.0), None, ValueError, r"`x` must have rank.*shape \(\)"),
+        (np.ones((3, 4)), np.float32(2.0), ValueError, r"`y` must have rank"),
+        (np.ones((2, 3, 4)), np.ones((5, 3, 4)), ValueError, r"Batch dims.*\(2, 3, 4\)"),
+        (np.ones((3, 4), np.complex64), None, TypeError, r"`x` must be real.*complex"),
+        (np.ones((3, 4)), np.array([["a", "b"]]), TypeError, r"`y` must be a numeric"),
+        ("abc", None, TypeError, r"`x` must be an array"),
+        ([[1.0, 2.0], [3.0]], None, TypeError, r"`x` must be array-like"),
+    ],
+)
+def test_bad_input_raises_naming_argument_and_shapes(metric, x, y, error, match):
+  with pytest.raises(error, match=match):
+    FUNCS[metric](x, y)
+
+
+def test_unknown_metric():
+  with pytest.raises(ValueError, match="`metric` must be one of"):
+    jaxsim.pairwise(np.ones((2, 2)), metric="manhattan")
+
+
+# Properties over random inputs ------------------------------------------------
+
+_finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+_matrices = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+                       elements=_finite)
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=_matrices)
+def test_cosine_properties(x):
+  s = np.asarray(jaxsim.cosine(x))
+  assert np.all(np.abs(s) <= 1.0)
+  np.testing.assert_allclose(s, s.T, atol=1e-6)
+  nonzero = np.linalg.norm(x, axis=1) > 0
+  np.testing.assert_array_equal(np.diag(s), nonzero.astype(np.float32))
+  scaled = np.asarray(jaxsim.cosine(x * np.float32(7.5), x))
+  np.testing.assert_allclose(scaled, s, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=_matrices)
+def test_distance_properties(x):
+  sq, d = np.asarray(jaxsim.sq_euclidean(x)), np.asarray(jaxsim.euclidean(x))
+  assert np.all(sq >= 0) and np.all(d >= 0)
+  np.testing.assert_array_equal(np.diag(sq), 0.0)
+  np.testing.assert_array_equal(np.diag(d), 0.0)
+  np.testing.assert_allclose(sq, sq.T, rtol=1e-5, atol=1e-6 * max(1.0, sq.max()))
+  want = ssd.cdist(x.astype(np.float64), x.astype(np.float64), "sqeuclidean")
+  np.testing.assert_allclose(sq, want, rtol=1e-4, atol=1e-5 * max(1.0, want.max()))
+
+
+# Transformations ------------------------------------------------------------
+
+
+class VariantsTest(chex.TestCase):
+  """The same call under jit, without jit and under pmap (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  @parameterized.parameters(*reference.METRICS)
+  def test_variants(self, metric):
+    x, y = _rand((5, 3), 18), _rand((4, 3), 19)
+    got = self.variant(FUNCS[metric])(x, y)
+    _assert_close(got, reference.METRICS[metric](x, y), scale=10.0)
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+def test_gradients_match_finite_differences(metric):
+  x, y = _rand((4, 3), 20), _rand((3, 3), 21)
+  f = lambda a, b: jnp.sum(jnp.sin(FUNCS[metric](a, b)))
+  jax.test_util.check_grads(f, (x, y), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+def test_euclidean_gradient_is_finite_at_zero_distance():
+  x = jnp.asarray(np.concatenate([_rand((1, 3), 22)] * 2 + [_rand((2, 3), 23)]))
+  for fn in (lambda a: jaxsim.euclidean(a), lambda a: jaxsim.euclidean(a, a)):
+    g = jax.grad(lambda a, fn=fn: jnp.sum(fn(a)))(x)
+    assert np.all(np.isfinite(g))
+  g = jax.grad(lambda a: jaxsim.euclidean(a, a[0]).sum())(x)
+  assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("metric", list(FUNCS))
+def test_pmap_over_eight_devices(metric):
+  assert jax.device_count() == 8
+  x, y = _rand((8, 5, 3), 24), _rand((8, 4, 3), 25)
+  got = jax.pmap(FUNCS[metric])(x, y)
+  _assert_close(got, reference.METRICS[metric](x, y), scale=10.0)
