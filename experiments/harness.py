@@ -5,7 +5,8 @@ Timing follows one rule set so numbers from different scripts compare:
 - each sample times enough back-to-back calls to last at least `min_sample_s`, and
   waits for the result (`jax.block_until_ready` on JAX outputs);
 - candidates are timed side by side, round-robin, so machine noise hits all of them
-  alike, and the median of the samples is reported with the spread.
+  alike (each round starts at the next candidate, so none always follows the same
+  one), and the median of the samples is reported with the spread.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "parser",
     "progress",
     "save_figure",
+    "set_cpu_dispatch",
     "time_fn",
     "write_json",
 ]
@@ -97,9 +99,13 @@ def compare(candidates: Mapping[str, Callable[[], Any]], *, repeats: int = 7,
       _ready(fn())
     numbers[name] = _calls_per_sample(fn, min_sample_s)
   samples: dict[str, list[float]] = {name: [] for name in candidates}
-  for _ in range(repeats):
-    for name, fn in candidates.items():
-      samples[name].append(_sample(fn, numbers[name]))
+  names = list(candidates)
+  for r in range(repeats):
+    # Each round starts one candidate later: whatever runs right after another
+    # library's call can pay for its thread pool still spinning, so no candidate may
+    # always hold that slot.
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      samples[name].append(_sample(candidates[name], numbers[name]))
   return {name: _summary(s, numbers[name]) for name, s in samples.items()}
 
 
@@ -149,12 +155,28 @@ def environment() -> dict[str, Any]:
       "device_count": len(devices),
       "versions": {p: v for p in packages if (v := _version(p))},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
   }
   try:
     env["cpu_affinity"] = len(os.sched_getaffinity(0))
   except AttributeError:
     pass
   return env
+
+
+def set_cpu_dispatch(asynchronous: bool) -> None:
+  """Chooses how the CPU backend runs programs; call before any JAX computation.
+
+  JAX's default is asynchronous dispatch: a program runs on a worker thread and the
+  caller waits for it, which on CPU costs tens of microseconds per call for small
+  programs. `asynchronous=False` runs programs on the calling thread. The CPU client
+  reads the flag once, when it is created, hence the check.
+  """
+  from jax._src import xla_bridge
+
+  if xla_bridge._backends and asynchronous != jax.config.read("jax_cpu_enable_async_dispatch"):
+    raise RuntimeError("set_cpu_dispatch must run before JAX creates its backends.")
+  jax.config.update("jax_cpu_enable_async_dispatch", asynchronous)
 
 
 def _cpu_model() -> str:

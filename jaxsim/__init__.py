@@ -1,19 +1,35 @@
 """jaxsim: pairwise similarity, blocked search and attention in JAX."""
 
+from jaxsim._src.attention import attention as attention
+from jaxsim._src.attention import attention_scores as attention_scores
+from jaxsim._src.attention import attention_weights as attention_weights
 from jaxsim._src.kernels import cosine as cosine
 from jaxsim._src.kernels import dot as dot
 from jaxsim._src.kernels import euclidean as euclidean
 from jaxsim._src.kernels import pairwise as pairwise
 from jaxsim._src.kernels import scaled_dot as scaled_dot
 from jaxsim._src.kernels import sq_euclidean as sq_euclidean
+from jaxsim._src.search import Pairs as Pairs
+from jaxsim._src.search import pairs_above as pairs_above
+from jaxsim._src.search import topk as topk
+from jaxsim._src.stats import SimilarityStats as SimilarityStats
+from jaxsim._src.stats import similarity_stats as similarity_stats
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "attention",
+    "attention_scores",
+    "attention_weights",
     "cosine",
     "dot",
     "euclidean",
+    "Pairs",
+    "pairs_above",
     "pairwise",
     "scaled_dot",
+    "similarity_stats",
+    "SimilarityStats",
     "sq_euclidean",
+    "topk",
 )

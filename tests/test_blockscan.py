@@ -61,3 +61,35 @@ def test_block_scan_gradient_matches_unblocked():
 def test_block_scan_rejects_mismatched_leaves():
   with pytest.raises(ValueError, match="share the size"):
     blockscan.block_scan(lambda c, b, s, v: c, 0.0, (jnp.ones(3), jnp.ones(4)), block_size=2)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 7, 9, 10, 64])
+def test_block_scan_in_place_tail_visits_every_row_once(block_size):
+  # pad_tail=False: the last block is shifted back instead of padded; rows it shares
+  # with the previous block come marked not valid.
+  x = jnp.arange(10.0 * 3).reshape(10, 3)
+
+  def step(carry, block, start, valid):
+    total, count, seen = carry
+    total = total + jnp.sum(jnp.where(valid[:, None], block, 0.0), axis=0)
+    rows = start + jnp.arange(block.shape[0])
+    seen = seen.at[rows].add(valid.astype(jnp.int32))
+    return total, count + jnp.sum(valid), seen
+
+  init = (jnp.zeros(3), jnp.int32(0), jnp.zeros(10, jnp.int32))
+  total, count, seen = blockscan.block_scan(step, init, x, block_size=block_size,
+                                            pad_tail=False)
+  np.testing.assert_allclose(total, np.asarray(x).sum(0))
+  assert int(count) == 10
+  np.testing.assert_array_equal(seen, np.ones(10))
+
+
+def test_block_scan_in_place_tail_gradient_matches_unblocked():
+  x = jax.random.normal(jax.random.key(3), (13, 4))
+
+  def blocked(a):
+    step = lambda c, b, s, v: c + jnp.sum(jnp.where(v[:, None], jnp.sin(b) ** 2, 0.0))
+    return blockscan.block_scan(step, jnp.float32(0), a, block_size=5, pad_tail=False)
+
+  np.testing.assert_allclose(jax.grad(blocked)(x), jax.grad(lambda a: jnp.sum(jnp.sin(a) ** 2))(x),
+                             rtol=1e-5)

@@ -50,7 +50,7 @@ def num_blocks(size: int, block_size: int) -> int:
 
 def block_scan(step: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree], init: PyTree,
                xs: PyTree, *, block_size: int | None, axis: int = 0,
-               remat: bool = True) -> PyTree:
+               remat: bool = True, pad_tail: bool = True) -> PyTree:
   """Folds `step` over blocks of `xs` along `axis`.
 
   Args:
@@ -63,6 +63,11 @@ def block_scan(step: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree], i
     axis: the row axis of every leaf of `xs`.
     remat: recompute each block in the backward pass (`jax.checkpoint`) instead of
       storing its temporaries, so gradients also stay O(block) in memory.
+    pad_tail: when `m` is not a multiple of `block_size`, pad `xs` with zero rows
+      (True), or (False) slice every block straight out of `xs` and shift the last
+      one back to end at row `m`, marking the rows the previous block already covered
+      as not `valid`. False avoids copying `xs` into a padded buffer, a full extra
+      pass over a large corpus; `step` then sees some rows twice, once as not valid.
 
   Returns:
     The final carry.
@@ -71,6 +76,8 @@ def block_scan(step: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree], i
   if block_size is None or block_size >= m:
     return step(init, xs, jnp.int32(0), jnp.ones((m,), bool))
   nb = num_blocks(m, block_size)
+  if not pad_tail and m % block_size:
+    return _scan_in_place(step, init, xs, block_size, nb, m, axis, remat)
   blocks = _to_blocks(xs, block_size, nb, axis)
   starts = jnp.arange(nb, dtype=jnp.int32) * block_size
   offsets = jnp.arange(block_size, dtype=jnp.int32)
@@ -81,6 +88,20 @@ def block_scan(step: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree], i
     return body_step(carry, block, start, start + offsets < m), None
 
   carry, _ = jax.lax.scan(body, init, (blocks, starts))
+  return carry
+
+
+def _scan_in_place(step, init, xs, block_size, nb, m, axis, remat):
+  offsets = jnp.arange(block_size, dtype=jnp.int32)
+  body_step = jax.checkpoint(step) if remat else step
+
+  def body(carry, start):
+    first = jnp.minimum(start, m - block_size)
+    block = jax.tree.map(
+        lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, first, block_size, axis % leaf.ndim), xs)
+    return body_step(carry, block, first, first + offsets >= start), None
+
+  carry, _ = jax.lax.scan(body, init, jnp.arange(nb, dtype=jnp.int32) * block_size)
   return carry
 
 

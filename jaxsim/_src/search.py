@@ -1,0 +1,428 @@
+"""Exact top-k search and threshold pairs, streamed over corpus blocks.
+
+Both reductions are clients of `blockscan`: the corpus is walked in blocks by
+`block_scan`, the queries in blocks by `block_map` (top-k) or a nested `block_scan`
+(pairs), and each (query block, corpus block) tile of scores is reduced as soon as
+it is computed, so the full `q x n` matrix is never built. With `mesh=` the corpus is
+also split across devices by `sharding.map_shards` and the per-device results merged.
+
+Scores come from `kernels.prepare` and `kernels.score`, the same numbers the dense
+`jaxsim.pairwise` computes. The queries are prepared once up front; each corpus block
+is prepared once, inside the scan step that consumes it (still once per corpus row:
+the corpus is the outer loop), because a separate pass that writes a prepared copy of
+a large corpus costs more than the prepare itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxsim._src import blockscan, kernels, sharding, stats, validation
+
+# The prefilter's group size: each tile's top-k is taken among the k best groups of
+# `GROUP` consecutive corpus rows (ranked by their maximum), which is exact (every
+# top-k element lies in one of those groups) and makes the costly per-row selection
+# work on 1/GROUP of the tile.
+GROUP = 32
+# Stands in for scores of -inf or NaN so that they still rank below every real score
+# but above padding and excluded entries (-inf): padding can then never be returned.
+_LOWEST = float(jnp.finfo(jnp.float32).min)
+# Scores per top-k tile when no query block size is given: 8 MiB of float32, the
+# fastest tried on a 2-core CPU (experiments/search_bench.py); temporaries stay near
+# two tiles.
+TOPK_TILE_SCORES = 1 << 21
+_INT32_MAX = 2**31 - 1
+
+
+def _keys(s: jax.Array, metric: str, keep: jax.Array) -> jax.Array:
+  """Ranking keys of a float32 score tile: larger is better, masked entries -inf."""
+  key = -s if metric in kernels.DISTANCES else s
+  key = jnp.where(key >= _LOWEST, key, _LOWEST)  # -inf and NaN rank last
+  return jnp.where(keep, key, -jnp.inf)
+
+
+def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax.Array, k: int,
+                approx: bool, recall_target: float) -> tuple[jax.Array, jax.Array]:
+  """The running top-k of each row updated with one tile of keys.
+
+  Args:
+    best, best_ids: `(c, k)` current top-k keys (descending) and their corpus ids,
+      all smaller than the tile's ids, so ties stay with the lower id.
+    key: `(c, b)` keys of corpus rows `first ... first + b - 1`.
+  """
+  c, b = key.shape
+  groups = b // GROUP
+  if approx and b >= k:
+    cand, pos = lax.approx_max_k(key, k, recall_target=recall_target)
+    ids = pos.astype(jnp.int32) + first
+  elif b % GROUP == 0 and groups > k:
+    grouped = key.reshape(c, groups, GROUP)
+    # The k best groups by maximum, in index order so that candidates stay sorted by
+    # id and `top_k` (which breaks ties by position) breaks them by lower id.
+    _, top = lax.top_k(jnp.max(grouped, axis=-1), k)
+    top = jnp.sort(top, axis=-1)
+    cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1).reshape(c, k * GROUP)
+    ids = (top[:, :, None] * GROUP + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]).reshape(
+        c, k * GROUP)
+    ids = ids + first
+  else:
+    cand = key
+    ids = jnp.broadcast_to(first + jnp.arange(b, dtype=jnp.int32), key.shape)
+  merged, pos = lax.top_k(jnp.concatenate([best, cand], axis=1), k)
+  return merged, jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=1), pos, axis=1)
+
+
+def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metric = "cosine",
+         block_size: int | None = None, query_block_size: int | None = None,
+         exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,
+         mesh: jax.sharding.Mesh | None = None, precision=None) -> tuple[jax.Array, jax.Array]:
+  r"""The `k` best corpus rows for every query, without the `q x n` score matrix.
+
+  Exact by default: equal to sorting each row of `jaxsim.pairwise(queries, corpus)`
+  (stably, best first), so equal scores go to the lower corpus index. Which indices
+  come back does not depend on the block sizes or the number of devices; padding
+  never appears. The scores are the matmul's float32 results, which for differently
+  shaped tiles can differ in the last bit, so scores equal only up to rounding may
+  order either way, as they may between any two BLAS libraries.
+
+  .. math:: \mathrm{topk}_i = \operatorname{arg\,top}_k\, \{ s(q_i, c_j) : j < n \}
+
+  The corpus is streamed in blocks of `block_size` rows with a running merge of each
+  row's top-k, and queries are taken `query_block_size` at a time, so temporaries
+  are O(query_block x block_size) (about two tiles), never O(q x n). The defaults
+  split the corpus into equal blocks of at most about 4096 rows and fill a tile with
+  2**21 scores (8 MiB); they were the fastest tried on a 2-core CPU
+  (`experiments/search_bench.py`) and keep memory small on any device. Each corpus
+  row is prepared (normalised, centred) once, in the step that scores it.
+
+  Args:
+    queries: `(q, d)` query rows.
+    corpus: `(n, d)` corpus rows.
+    k: results per query, `1 <= k <= n` (`k <= n - 1` with `exclude_self`).
+    metric: one of `"dot"`, `"cosine"`, `"scaled_dot"` (largest first) or
+      `"sq_euclidean"`, `"euclidean"` (nearest first).
+    block_size: corpus rows per block (default: equal blocks of at most about 4096).
+      A multiple of 32 enables the exact group prefilter that keeps per-block
+      selection cheap.
+    query_block_size: queries per tile (default: 2**21 // block_size).
+    exclude_self: queries and corpus are the same rows (`q == n`, in the same order);
+      drop the match of query `i` with corpus row `i`.
+    approx: select each block's candidates with `lax.approx_max_k` (fast on TPU, exact
+      elsewhere); then ties are not ordered and recall is about `recall_target` (the
+      target applies to each block's selection; the merge is exact).
+    recall_target: `approx=True` only; the expected recall of `lax.approx_max_k`.
+    mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices,
+      each computes its local top-k and the results are merged, ties again to the
+      lower index (the same indices as the single-device call). See
+      `jaxsim._src.sharding` for multi-host use.
+    precision: `jax.lax.Precision` passed to the matmul.
+
+  Returns:
+    `(scores, indices)`, each `(q, k)`, best first: `scores` in the metric's own units
+    (similarities, or distances for the Euclidean metrics) in the inputs' floating
+    dtype, computed as `jaxsim.pairwise` does; `indices` int32 corpus rows. A score of
+    -inf or NaN (from infinite or NaN inputs) ranks last and is reported as the lowest
+    finite float32 (its negation for distances).
+
+  Raises:
+    ValueError: for inputs that are not 2-D, mismatched feature dims, an unknown
+      metric, `k` out of range, `exclude_self` with `q != n`, or bad block sizes.
+    TypeError: for complex or non-numeric inputs, or a `mesh` that is not a `Mesh`.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxsim
+    >>> corpus = jnp.array([[1., 0.], [0., 1.], [1., 1.]])
+    >>> scores, idx = jaxsim.topk(jnp.array([[1., 0.1]]), corpus, 2)
+    >>> idx
+    Array([[0, 2]], dtype=int32)
+  """
+  kernels.check_metric(metric)
+  queries, corpus = validation.pair(queries, corpus, x_name="queries", y_name="corpus")
+  validation.check_rank(queries, "queries", min_rank=2, max_rank=2)
+  validation.check_rank(corpus, "corpus", min_rank=2, max_rank=2)
+  k = validation.check_positive_int(k, "k")
+  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
+  query_block_size = validation.check_positive_int(query_block_size, "query_block_size",
+                                                   allow_none=True)
+  sharding.check_mesh(mesh)
+  q, n = queries.shape[0], corpus.shape[0]
+  if exclude_self and q != n:
+    raise ValueError("`exclude_self=True` needs the queries to be the corpus rows, got "
+                     f"queries.shape={queries.shape} and corpus.shape={corpus.shape}.")
+  limit = n - 1 if exclude_self else n
+  if k > limit:
+    raise ValueError(f"`k` must be at most the number of corpus rows{' - 1 (exclude_self)' if exclude_self else ''}: "
+                     f"got k={k} with n={n} (corpus.shape={corpus.shape}).")
+  if approx and not 0.0 < recall_target <= 1.0:
+    raise ValueError(f"`recall_target` must be in (0, 1], got {recall_target!r}.")
+  if q == 0:
+    return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), jnp.int32)
+  return _topk(queries, corpus, k=k, metric=metric, block_size=block_size,
+               query_block_size=query_block_size, exclude_self=exclude_self, approx=approx,
+               recall_target=float(recall_target), mesh=mesh, precision=precision)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "k", "metric", "block_size", "query_block_size", "exclude_self", "approx", "recall_target",
+    "mesh", "precision"))
+def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_self, approx,
+          recall_target, mesh, precision):
+  q, n = queries.shape[0], corpus.shape[0]
+  euclid = metric in kernels.DISTANCES
+  shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1))
+  qb, nb = stats.tile_sizes(q, sharding.shard_rows(n, mesh), block_size, query_block_size,
+                            multiple=GROUP, tile=TOPK_TILE_SCORES)
+  qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
+  # Padding the queries once to whole blocks makes `block_map`'s blocking a reshape.
+  q_pad = -(-q // qb) * qb
+  padded = (jnp.pad(qp.rows, ((0, q_pad - q), (0, 0))), jnp.pad(qp.aux, (0, q_pad - q)),
+            jnp.arange(q_pad, dtype=jnp.int32))
+
+  def local(shard, offset, padded, shift):
+    init = (jnp.full((q_pad, k), -jnp.inf, jnp.float32), jnp.full((q_pad, k), -1, jnp.int32))
+
+    def step(carry, block, start, valid):
+      bp = kernels.prepare(block, metric, shift=shift if euclid else None)
+      first = offset + start
+      cols = first + jnp.arange(block.shape[0], dtype=jnp.int32)
+      col_ok = valid & (cols < n)
+
+      def tile(args):
+        best, best_ids, rows, aux, ids = args
+        s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
+        keep = col_ok[None, :]
+        if exclude_self:
+          keep = keep & (ids[:, None] != cols[None, :])
+        return _merge_tile(best, best_ids, _keys(s, metric, keep), first, k, approx,
+                           recall_target)
+
+      return blockscan.block_map(tile, (*carry, *padded), block_size=qb)
+
+    return blockscan.block_scan(step, init, shard, block_size=nb, pad_tail=False)
+
+  best, best_ids = sharding.map_shards(local, corpus, padded, shift, mesh=mesh)
+  if best.shape[0] > 1:
+    # Shards in device order hold increasing ids, so position ties are id ties.
+    best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
+    best_ids = jnp.moveaxis(best_ids, 0, 1).reshape(q_pad, -1)
+    best, pos = lax.top_k(best, k)
+    best_ids = jnp.take_along_axis(best_ids, pos, axis=1)
+  else:
+    best, best_ids = best[0], best_ids[0]
+  best, best_ids = best[:q], best_ids[:q]
+  scores = -best if euclid else best
+  return scores.astype(queries.dtype), best_ids
+
+
+class Pairs(NamedTuple):
+  """Pairs found by `pairs_above`, in fixed-capacity arrays.
+
+  Attributes:
+    rows: `(max_pairs,)` int32 row index into `x`, -1 in unused slots.
+    cols: `(max_pairs,)` int32 row index into `y` (or `x` when `y` is None), -1 in
+      unused slots.
+    scores: `(max_pairs,)` scores in the inputs' dtype, 0 in unused slots.
+    count: the true number of qualifying pairs, which may exceed `max_pairs` (int32,
+      or int64 / float32 when more than 2**31 - 1 pairs are possible; see
+      `jaxsim._src.stats`).
+    overflowed: bool, `count > max_pairs`: only the first `max_pairs` pairs (row-major)
+      were kept.
+  """
+
+  rows: jax.Array
+  cols: jax.Array
+  scores: jax.Array
+  count: jax.Array
+  overflowed: jax.Array
+
+
+class _Found(NamedTuple):
+  rows: jax.Array  # _INT32_MAX in unused slots while scanning, so they sort last
+  cols: jax.Array
+  scores: jax.Array
+  filled: jax.Array  # slots in use
+  last_row: jax.Array  # largest row held
+  count: stats.WideCount
+
+
+def _sort_pairs(rows, cols, scores):
+  return lax.sort((rows, cols, scores), num_keys=2)
+
+
+def _insert(found: _Found, mask: jax.Array, s: jax.Array, ids: jax.Array, cols: jax.Array,
+            capacity: int) -> _Found:
+  """Adds a tile's pairs so that `found` holds the first `capacity` pairs in row-major
+  order among all pairs seen, whatever the order tiles arrive in."""
+  size = min(capacity, mask.size)
+  total = jnp.sum(mask, dtype=jnp.int32)
+  # jnp.nonzero lists the tile's pairs row-major: its first `size` are its smallest.
+  r, c = jnp.nonzero(mask, size=size, fill_value=0)
+  used = jnp.arange(size) < jnp.minimum(total, size)
+  new_rows = jnp.where(used, ids[r], _INT32_MAX)
+  new_cols = jnp.where(used, cols[c], _INT32_MAX)
+  new_scores = s[r, c]
+  last = jnp.maximum(found.last_row, jnp.max(jnp.where(used, new_rows, -1)))
+
+  def append(_):
+    slot = jnp.where(used, found.filled + jnp.arange(size, dtype=jnp.int32), capacity)
+    put = lambda buf, v: buf.at[slot].set(v, mode="drop")
+    return found._replace(rows=put(found.rows, new_rows), cols=put(found.cols, new_cols),
+                          scores=put(found.scores, new_scores), filled=found.filled + total,
+                          last_row=last)
+
+  def merge(_):
+    rows, cols, scores = _sort_pairs(jnp.concatenate([found.rows, new_rows]),
+                                     jnp.concatenate([found.cols, new_cols]),
+                                     jnp.concatenate([found.scores, new_scores]))
+    rows, cols, scores = rows[:capacity], cols[:capacity], scores[:capacity]
+    held = rows < _INT32_MAX
+    return found._replace(rows=rows, cols=cols, scores=scores,
+                          filled=jnp.sum(held, dtype=jnp.int32),
+                          last_row=jnp.max(jnp.where(held, rows, -1)))
+
+  return lax.cond(found.filled + total <= capacity, append, merge, None)
+
+
+def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, max_pairs: int,
+                metric: kernels.Metric = "cosine", block_size: int | None = None,
+                query_block_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                precision=None) -> Pairs:
+  r"""All pairs whose score passes `threshold`, in fixed-capacity arrays.
+
+  For similarity metrics (`"dot"`, `"cosine"`, `"scaled_dot"`) a pair qualifies when
+  :math:`s(x_i, y_j) \ge \text{threshold}`; for the distance metrics
+  (`"sq_euclidean"`, `"euclidean"`) when :math:`d(x_i, y_j) \le \text{threshold}`.
+  With `y=None` only the pairs :math:`i < j` of `x` are considered (each unordered
+  pair once, never `(i, i)`). Near-duplicate detection, graph construction for
+  community detection.
+
+  Pairs are returned in row-major order (by row, then column), the same for every
+  block size and device count. If more than `max_pairs` pairs qualify, the first
+  `max_pairs` in that order are kept, `count` still holds the true total,
+  `overflowed` is True, and (outside `jit`) a `RuntimeWarning` is raised: increase
+  `max_pairs` or the threshold. Tiles without a qualifying pair cost one matmul and
+  one count; with `y=None` tiles below the diagonal are skipped.
+
+  Args:
+    x: `(n, d)` rows.
+    y: `(m, d)` rows, or `None` for the pairs within `x`.
+    threshold: the score bound (a similarity floor, or a distance ceiling).
+    max_pairs: capacity of the returned arrays.
+    metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
+      `"euclidean"`.
+    block_size: corpus (`y`) rows per block; default: equal blocks of at most about
+      4096.
+    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB).
+    mesh: a `jax.sharding.Mesh`; the `y` rows are split across its devices and the
+      per-device pair lists merged in row-major order (the same pairs and count as
+      the single-device call).
+    precision: `jax.lax.Precision` passed to the matmul.
+
+  Returns:
+    A `Pairs` (rows, cols, scores, count, overflowed); unused slots hold -1 indices
+    and score 0.
+
+  Raises:
+    ValueError: for inputs that are not 2-D, mismatched feature dims, an unknown
+      metric, or a non-positive `max_pairs` or block size.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxsim
+    >>> x = jnp.array([[1., 0.], [0., 1.], [1., 0.01]])
+    >>> p = jaxsim.pairs_above(x, threshold=0.99, max_pairs=4)
+    >>> p.rows, p.cols, int(p.count)
+    (Array([ 0, -1, -1, -1], dtype=int32), Array([ 2, -1, -1, -1], dtype=int32), 1)
+  """
+  kernels.check_metric(metric)
+  x, y = validation.pair(x, y)
+  validation.check_rank(x, "x", min_rank=2, max_rank=2)
+  if y is not None:
+    validation.check_rank(y, "y", min_rank=2, max_rank=2)
+  max_pairs = validation.check_positive_int(max_pairs, "max_pairs")
+  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
+  query_block_size = validation.check_positive_int(query_block_size, "query_block_size",
+                                                   allow_none=True)
+  sharding.check_mesh(mesh)
+  n = x.shape[0]
+  bound = n * (n - 1) // 2 if y is None else n * y.shape[0]
+  found = _pairs(x, y, jnp.float32(threshold), metric=metric, max_pairs=max_pairs,
+                 block_size=block_size, query_block_size=query_block_size, mesh=mesh,
+                 precision=precision, bound=bound)
+  if not isinstance(found.overflowed, jax.core.Tracer) and bool(found.overflowed):
+    warnings.warn(f"pairs_above: {found.count} pairs qualify but max_pairs={max_pairs}; only "
+                  "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=2)
+  return found
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "metric", "max_pairs", "block_size", "query_block_size", "mesh", "precision", "bound"))
+def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, mesh, precision,
+           bound):
+  within = y is None
+  corpus = x if within else y
+  n, m = x.shape[0], corpus.shape[0]
+  euclid = metric in kernels.DISTANCES
+  shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1))
+  qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
+  xp = kernels.prepare(x, metric, shift=shift if euclid else None)
+  q_pad = -(-n // qb) * qb
+  queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
+             jnp.arange(q_pad, dtype=jnp.int32))
+
+  def local(shard, offset, queries, shift, threshold):
+    # Rows outer, columns inner: once the buffer is full, later row blocks can only
+    # hold later pairs, so they are counted without being extracted.
+    cp = kernels.prepare(shard, metric, shift=shift if euclid else None)
+    init = _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
+                  jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
+                  jnp.zeros((max_pairs,), jnp.float32), jnp.int32(0), jnp.int32(-1),
+                  stats.wide_zeros())
+
+    def row_step(found, qblock, qstart, qvalid):
+      rows, aux, ids = qblock
+      row_ok = qvalid & (ids < n)
+
+      def col_step(found, block, start, valid):
+        cols = offset + start + jnp.arange(block.rows.shape[0], dtype=jnp.int32)
+        ok = row_ok[:, None] & (valid & (cols < m))[None, :]
+        if within:
+          ok &= ids[:, None] < cols[None, :]
+
+        def tile(found):
+          s = kernels.score(kernels.Prepared(rows, aux), block, metric, precision=precision)
+          hit = ok & ((s <= threshold) if euclid else (s >= threshold))
+          total = jnp.sum(hit, dtype=jnp.int32)
+          counted = found._replace(count=stats.wide_add(found.count, total))
+          later = (found.filled >= max_pairs) & (ids[0] > found.last_row)
+          return lax.cond((total > 0) & ~later,
+                          lambda f: _insert(f, hit, s, ids, cols, max_pairs),
+                          lambda f: f, counted)
+
+        if not within:
+          return tile(found)
+        upper = ids[0] < offset + start + block.rows.shape[0] - 1
+        return lax.cond(upper, tile, lambda f: f, found)
+
+      return blockscan.block_scan(col_step, found, cp, block_size=nb, pad_tail=False)
+
+    return blockscan.block_scan(row_step, init, queries, block_size=qb)
+
+  parts = sharding.map_shards(local, corpus, queries, shift, threshold, mesh=mesh)
+  rows, cols, scores = parts.rows.reshape(-1), parts.cols.reshape(-1), parts.scores.reshape(-1)
+  rows, cols, scores = _sort_pairs(rows, cols, scores)
+  rows, cols, scores = rows[:max_pairs], cols[:max_pairs], scores[:max_pairs]
+  held = rows < _INT32_MAX
+  count = jax.tree.map(lambda leaf: leaf[0], parts.count)
+  for i in range(1, parts.rows.shape[0]):
+    count = stats.wide_sum(count, jax.tree.map(lambda leaf, i=i: leaf[i], parts.count))
+  return Pairs(rows=jnp.where(held, rows, -1), cols=jnp.where(held, cols, -1),
+               scores=jnp.where(held, scores, 0.0).astype(x.dtype),
+               count=stats.wide_result(count, bound),
+               overflowed=stats.wide_greater(count, max_pairs))

@@ -1,0 +1,342 @@
+"""All-pairs statistics of a similarity matrix, streamed without the N x M matrix.
+
+`similarity_stats` answers "what does the similarity structure of this table look
+like?" (the share of positive cosine among all token pairs, their mean, spread,
+extremes and histogram) over every pair, not a sample, in O(block) memory. Each
+(query block, corpus block) tile is reduced to a `_Moments` summary and summaries are
+merged with one `_combine`, the same for tiles, blocks and devices.
+
+Exact counting: `count`, the non-negative count and the histogram are integers that
+can exceed 2**31 (1e5 x 1e5 pairs is 1e10) while JAX has no 64-bit integers unless
+`jax_enable_x64` is on. They are accumulated as `WideCount` pairs of int32 words
+(`hi * 2**24 + lo`, exact up to 2**55), then returned as int32 when every possible
+count fits in int32 (30522 x 30522 does), as int64 under `jax_enable_x64`, and
+otherwise as float32 rounded once from the exact value (relative error below 6e-8).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxsim._src import blockscan, kernels, sharding, validation
+
+_LO_BITS = 24
+_LO_MASK = (1 << _LO_BITS) - 1
+_INT32_MAX = 2**31 - 1
+# Scores per tile (query block x corpus block) when no query block size is given: 4 MiB
+# of float32. The statistics keep a few tile-sized temporaries (scores, histogram bins),
+# about 30 MiB in all, however many pairs there are.
+TILE_SCORES = 1 << 20
+
+
+class WideCount(NamedTuple):
+  """An exact non-negative count as two int32 words: `hi * 2**24 + lo`, `0 <= lo < 2**24`."""
+
+  hi: jax.Array
+  lo: jax.Array
+
+
+def wide_zeros(shape=()) -> WideCount:
+  return WideCount(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32))
+
+
+def wide_add(w: WideCount, n: jax.Array) -> WideCount:
+  """Adds an int32 count `0 <= n < 2**31 - 2**24` (one tile's count) to `w`."""
+  lo = w.lo + n
+  return WideCount(w.hi + (lo >> _LO_BITS), lo & _LO_MASK)
+
+
+def wide_sum(a: WideCount, b: WideCount) -> WideCount:
+  lo = a.lo + b.lo
+  return WideCount(a.hi + b.hi + (lo >> _LO_BITS), lo & _LO_MASK)
+
+
+def wide_float(w: WideCount) -> jax.Array:
+  """The count as float32, rounded once (`hi * 2**24` is exact below 2**48)."""
+  return w.hi.astype(jnp.float32) * float(1 << _LO_BITS) + w.lo.astype(jnp.float32)
+
+
+def wide_greater(w: WideCount, p: int) -> jax.Array:
+  """Exact `count > p` for a Python int `p >= 0`."""
+  return (w.hi > (p >> _LO_BITS)) | ((w.hi == (p >> _LO_BITS)) & (w.lo > (p & _LO_MASK)))
+
+
+def wide_result(w: WideCount, bound: int) -> jax.Array:
+  """The count in the narrowest exact dtype given `bound`, the largest it can be.
+
+  int32 if `bound` fits, else int64 under `jax_enable_x64`, else float32 (rounded).
+  """
+  if bound <= _INT32_MAX:
+    return w.hi * (1 << _LO_BITS) + w.lo
+  if jax.config.jax_enable_x64:
+    return w.hi.astype(jnp.int64) * (1 << _LO_BITS) + w.lo.astype(jnp.int64)
+  return wide_float(w)
+
+
+def _two_sum(a, b):
+  """`a + b` and its rounding error (Knuth), for compensated summation."""
+  s = a + b
+  bp = s - a
+  return s, (a - (s - bp)) + (b - bp)
+
+
+class _Moments(NamedTuple):
+  """A mergeable summary of a set of scores (a tile, a block, a device, everything)."""
+
+  count: WideCount
+  total: jax.Array  # compensated sum: value is total + total_err
+  total_err: jax.Array
+  m2: jax.Array  # sum of squared deviations from the mean, compensated likewise
+  m2_err: jax.Array
+  min: jax.Array
+  max: jax.Array
+  nonneg: WideCount
+  hist: WideCount  # (bins,)
+
+
+def _empty(bins: int) -> _Moments:
+  z = jnp.float32(0)
+  return _Moments(wide_zeros(), z, z, z, z, jnp.float32(jnp.inf), jnp.float32(-jnp.inf),
+                  wide_zeros(), wide_zeros((bins,)))
+
+
+def _combine(a: _Moments, b: _Moments) -> _Moments:
+  """Merges two summaries: Chan et al.'s pairwise update for the squared deviations,
+  compensated (two-sum) accumulation of the sums, exact integer counts."""
+  na, nb = wide_float(a.count), wide_float(b.count)
+  n = na + nb
+  both = (na > 0) & (nb > 0)
+  safe = lambda v: jnp.where(v > 0, v, 1.0)
+  delta = (b.total + b.total_err) / safe(nb) - (a.total + a.total_err) / safe(na)
+  corr = jnp.where(both, delta * delta * (na / safe(n)) * nb, 0.0)
+  total, err = _two_sum(a.total, b.total)
+  m2, err2 = _two_sum(a.m2, b.m2 + corr)
+  return _Moments(
+      wide_sum(a.count, b.count), total, a.total_err + b.total_err + err, m2,
+      a.m2_err + b.m2_err + err2, jnp.minimum(a.min, b.min), jnp.maximum(a.max, b.max),
+      wide_sum(a.nonneg, b.nonneg), wide_sum(a.hist, b.hist))
+
+
+def _tile_moments(s: jax.Array, mask: jax.Array, lo: float, hi: float, bins: int) -> _Moments:
+  """The summary of the scores `s` where `mask` holds (one tile, a few MiB)."""
+  n = jnp.sum(mask, dtype=jnp.int32)
+  total = jnp.sum(jnp.where(mask, s, 0.0))
+  mean = total / jnp.maximum(n, 1).astype(jnp.float32)
+  dev = jnp.where(mask, s - mean, 0.0)
+  inside = mask & (s >= lo) & (s <= hi)
+  # Values equal to `hi` go to the last bin, as in numpy.histogram.
+  idx = jnp.clip(jnp.floor((s - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
+  bucket = jnp.where(inside, idx, bins)
+  hist = jnp.zeros(bins + 1, jnp.int32).at[bucket.ravel()].add(1, mode="promise_in_bounds")
+  z = jnp.float32(0)
+  return _Moments(
+      wide_add(wide_zeros(), n), total, z, jnp.sum(dev * dev), z,
+      jnp.min(jnp.where(mask, s, jnp.inf)), jnp.max(jnp.where(mask, s, -jnp.inf)),
+      wide_add(wide_zeros(), jnp.sum(mask & (s >= 0), dtype=jnp.int32)),
+      wide_add(wide_zeros((bins,)), hist[:bins]))
+
+
+class SimilarityStats(NamedTuple):
+  """Statistics over all pairs; see `similarity_stats`.
+
+  Attributes:
+    count: number of pairs (exact; int32, or int64 / float32 for more than 2**31 - 1
+      possible pairs, see the module notes).
+    mean: mean score, float32.
+    std: population standard deviation (ddof=0), float32.
+    min: smallest score, float32.
+    max: largest score, float32.
+    share_nonnegative: fraction of pairs with score `>= 0`, float32.
+    histogram: `(bins,)` exact counts per bin, same dtype as `count`. Scores outside
+      `range` are not counted, as in `numpy.histogram`.
+    bin_edges: `(bins + 1,)` float32 edges; the last bin includes its right edge.
+  """
+
+  count: jax.Array
+  mean: jax.Array
+  std: jax.Array
+  min: jax.Array
+  max: jax.Array
+  share_nonnegative: jax.Array
+  histogram: jax.Array
+  bin_edges: jax.Array
+
+
+def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernels.Metric = "cosine",
+                     bins: int = 100, range: tuple[float, float] | None = None,
+                     exclude_diagonal: bool = True, block_size: int | None = None,
+                     query_block_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                     precision=None) -> SimilarityStats:
+  r"""Count, mean, spread, extremes and histogram of the scores of all pairs.
+
+  Streams (query block x corpus block) tiles through `block_scan`, so memory stays
+  O(tile) for any number of pairs: the analysis of a whole embedding table's
+  similarity structure, e.g. the share of non-negative cosine among all 30,522^2
+  token pairs of a vocabulary, against a random table of the same shape.
+
+  .. math:: \mu = \frac{1}{|P|} \sum_{(i, j) \in P} s(x_i, y_j)
+
+  with :math:`P` all pairs :math:`(i, j)` when `y` is given, and the pairs
+  :math:`i < j` (:math:`i \le j` with `exclude_diagonal=False`) when `y` is None.
+  Every metric here is symmetric, so :math:`i < j` covers each unordered pair once at
+  half the cost.
+
+  Args:
+    x: `(n, d)` rows.
+    y: `(m, d)` rows, or `None` for the pairs within `x`.
+    metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
+      `"euclidean"`.
+    bins: number of equal-width histogram bins.
+    range: `(lo, hi)` of the histogram. Defaults to `(-1, 1)` for cosine; required for
+      the other metrics, whose scores have no fixed range (a first call's `min` and
+      `max` are a good choice).
+    exclude_diagonal: `y=None` only: leave out the self pairs `(i, i)`.
+    block_size: corpus (`y`) rows per block; default: equal blocks of at most about
+      4096.
+    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB).
+    mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices
+      (see `jaxsim._src.sharding`). `count` is the same exactly; the other fields
+      agree with the single-device call to float32 rounding of the scores and of the
+      merge order (bit for bit when every score is exact, e.g. small integers).
+    precision: `jax.lax.Precision` passed to the matmul.
+
+  Returns:
+    A `SimilarityStats`. Scores are computed in float32 (the accumulation dtype) from
+    the inputs' dtype. The mean uses compensated summation of per-tile sums and the
+    standard deviation Chan et al.'s pairwise update, so both stay accurate over
+    1e9+ pairs.
+
+  Raises:
+    ValueError: for bad shapes, an unknown metric, `bins < 1`, a missing or empty
+      `range`, or no pairs at all.
+
+  References:
+    Chan, Golub and LeVeque, "Algorithms for computing the sample variance: analysis
+    and recommendations", The American Statistician, 1983.
+
+  Examples:
+    >>> import jax, jaxsim
+    >>> x = jax.random.normal(jax.random.key(0), (500, 16))
+    >>> st = jaxsim.similarity_stats(x)
+    >>> int(st.count), float(st.share_nonnegative) > 0.4
+    (124750, True)
+  """
+  kernels.check_metric(metric)
+  x, y = validation.pair(x, y)
+  validation.check_rank(x, "x", min_rank=2, max_rank=2)
+  if y is not None:
+    validation.check_rank(y, "y", min_rank=2, max_rank=2)
+  bins = validation.check_positive_int(bins, "bins")
+  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
+  query_block_size = validation.check_positive_int(query_block_size, "query_block_size",
+                                                   allow_none=True)
+  sharding.check_mesh(mesh)
+  if range is None:
+    if metric != "cosine":
+      raise ValueError(f"`range` is required for metric {metric!r}: pass range=(lo, hi).")
+    range = (-1.0, 1.0)
+  lo, hi = (float(v) for v in range)
+  if not hi > lo:
+    raise ValueError(f"`range` must satisfy lo < hi, got {range!r}.")
+  n = x.shape[0]
+  m = n if y is None else y.shape[0]
+  if y is None:
+    pairs = n * (n - 1) // 2 + (0 if exclude_diagonal else n)
+  else:
+    pairs = n * m
+  if pairs == 0:
+    raise ValueError(f"There are no pairs to summarise: x.shape={x.shape}, "
+                     f"y.shape={None if y is None else y.shape}, "
+                     f"exclude_diagonal={exclude_diagonal}.")
+  return _stats(x, y, metric=metric, bins=bins, lo=lo, hi=hi,
+                diagonal=None if y is not None else not exclude_diagonal,
+                block_size=block_size, query_block_size=query_block_size, mesh=mesh,
+                precision=precision, bound=pairs)
+
+
+def _even_blocks(size: int, cap: int, multiple: int) -> int:
+  """The block size that splits `size` rows into equal blocks of at most about `cap`."""
+  count = -(-max(size, 1) // cap)
+  per = -(-max(size, 1) // count)
+  return -(-per // multiple) * multiple
+
+
+def tile_sizes(q: int, n: int, block_size: int | None, query_block_size: int | None,
+               *, multiple: int = 1, tile: int = TILE_SCORES) -> tuple[int, int]:
+  """Default (query block, corpus block): corpus blocks of at most about 4096 rows (a
+  multiple of `multiple`), query blocks filling a tile of `tile` scores.
+
+  Rows are split into equal blocks (5000 rows: two of 2528, not 4096 + 904), since a
+  short last block costs as much as a full one.
+  """
+  if block_size is None:
+    block_size = _even_blocks(n, 4096, multiple)
+  if query_block_size is None:
+    query_block_size = _even_blocks(q, max(8, tile // block_size), 8)
+  query_block_size = min(query_block_size, max(q, 1))
+  if query_block_size * block_size > 1 << 30:
+    # Per-tile counts are int32; a tile this size would be 4 GiB of scores anyway.
+    raise ValueError(f"A tile of query_block_size x block_size = {query_block_size} x "
+                     f"{block_size} scores is too large (at most 2**30).")
+  return query_block_size, block_size
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "metric", "bins", "lo", "hi", "diagonal", "block_size", "query_block_size", "mesh",
+    "precision", "bound"))
+def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size, mesh,
+           precision, bound):
+  corpus = x if y is None else y
+  n, m = x.shape[0], corpus.shape[0]
+  shift = kernels.centre(corpus) if metric in kernels.DISTANCES else jnp.zeros((1, 1))
+  qb, nb = tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
+  xp = kernels.prepare(x, metric, shift=shift if metric in kernels.DISTANCES else None)
+  q_pad = -(-n // qb) * qb
+  queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
+             jnp.arange(q_pad, dtype=jnp.int32))
+
+  def local(shard, offset, queries, shift):
+    def corpus_step(acc, block, start, valid):
+      bp = kernels.prepare(block, metric,
+                           shift=shift if metric in kernels.DISTANCES else None)
+      cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
+      col_ok = valid & (cols < m)
+
+      def query_step(acc, qblock, qstart, qvalid):
+        rows, aux, ids = qblock
+        ok = (qvalid & (ids < n))[:, None] & col_ok[None, :]
+        if diagonal is not None:
+          ok &= (ids[:, None] <= cols[None, :]) if diagonal else (ids[:, None] < cols[None, :])
+
+        def tile(_):
+          s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
+          return _tile_moments(s, ok, lo, hi, bins)
+
+        if diagonal is None:
+          return _combine(acc, tile(None))
+        # Tiles wholly below the diagonal hold no pair: skip their matmul.
+        last_col = offset + start + block.shape[0] - 1
+        upper = (ids[0] <= last_col) if diagonal else (ids[0] < last_col)
+        return _combine(acc, jax.lax.cond(upper, tile, lambda _: _empty(bins), None))
+
+      return blockscan.block_scan(query_step, acc, queries, block_size=qb)
+
+    return blockscan.block_scan(corpus_step, _empty(bins), shard, block_size=nb, pad_tail=False)
+
+  parts = sharding.map_shards(local, corpus, queries, shift, mesh=mesh)
+  total = jax.tree.map(lambda leaf: leaf[0], parts)
+  for i in range(1, sharding.num_shards(mesh)):
+    total = _combine(total, jax.tree.map(lambda leaf, i=i: leaf[i], parts))
+  count = wide_float(total.count)
+  mean = (total.total + total.total_err) / count
+  var = jnp.maximum(total.m2 + total.m2_err, 0.0) / count
+  return SimilarityStats(
+      count=wide_result(total.count, bound), mean=mean, std=jnp.sqrt(var), min=total.min,
+      max=total.max, share_nonnegative=wide_float(total.nonneg) / count,
+      histogram=wide_result(total.hist, bound),
+      bin_edges=jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32))

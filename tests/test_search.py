@@ -1,0 +1,366 @@
+"""Blocked top-k search and threshold pairs: brute force, ties, padding, devices, memory."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from sklearn.neighbors import NearestNeighbors
+
+import jaxsim
+from tests import reference
+
+METRICS = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
+TOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}
+
+
+def _data(seed, *shapes, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _ints(seed, *shapes, values=(-1, 0, 1)):
+  """Small-integer rows: every dot product is exact in float32, so ties are exact too."""
+  rng = np.random.default_rng(seed)
+  return [rng.choice(np.asarray(values, np.float32), size=s) for s in shapes]
+
+
+def _mesh():
+  return Mesh(np.array(jax.devices()), ("corpus",))
+
+
+def _ref_topk(queries, corpus, k, metric):
+  return reference.topk(reference.METRICS[metric](queries, corpus), k,
+                        largest=metric not in reference.DISTANCES)
+
+
+# --- topk -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_topk_matches_brute_force(metric):
+  queries, corpus = _data(0, (37, 16), (500, 16))
+  want_s, want_i = _ref_topk(queries, corpus, 5, metric)
+  # Blocks of 192 use the group prefilter and an overlapping last block; queries in
+  # blocks of 16 leave a padded last query block.
+  scores, idx = jaxsim.topk(queries, corpus, 5, metric=metric, block_size=192,
+                            query_block_size=16)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+  assert scores.dtype == jnp.float32 and idx.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("block_size,query_block_size", [
+    (None, None), (1, 7), (7, 5), (96, 64), (100, 37), (320, None), (1000, 3)])
+def test_topk_independent_of_block_sizes(block_size, query_block_size):
+  queries, corpus = _data(1, (40, 8), (321, 8))
+  want_s, want_i = _ref_topk(queries, corpus, 3, "cosine")
+  scores, idx = jaxsim.topk(queries, corpus, 3, block_size=block_size,
+                            query_block_size=query_block_size)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric,sk_metric", [("euclidean", "euclidean"),
+                                              ("sq_euclidean", "sqeuclidean")])
+def test_topk_matches_sklearn_nearest_neighbors(metric, sk_metric):
+  queries, corpus = _data(2, (30, 12), (257, 12))
+  corpus += 50.0  # far from the origin: the centring in `prepare` must hold accuracy
+  queries += 50.0
+  nn = NearestNeighbors(n_neighbors=6, algorithm="brute", metric=sk_metric).fit(corpus)
+  want_d, want_i = nn.kneighbors(queries)
+  dist, idx = jaxsim.topk(queries, corpus, 6, metric=metric, block_size=64)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(dist, want_d, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("block_size", [None, 3, 96])
+def test_topk_breaks_ties_by_lower_index(block_size):
+  # Entries in {-1, 0, 1} and d=4: scores take few values, so almost every row has
+  # ties at its k-th place, all exact.
+  queries, corpus = _ints(3, (20, 4), (250, 4))
+  want_s, want_i = _ref_topk(queries, corpus, 2, "dot")
+  scores, idx = jaxsim.topk(queries, corpus, 2, metric="dot", block_size=block_size,
+                            query_block_size=8)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_array_equal(scores, want_s)
+
+
+def test_topk_duplicate_rows_come_in_index_order():
+  (base,) = _data(4, (50, 8))
+  corpus = np.concatenate([base, base[::-1], base])  # every row three times
+  scores, idx = jaxsim.topk(base[:10], corpus, 3, block_size=64)
+  idx = np.asarray(idx)
+  np.testing.assert_array_equal(idx, np.stack([np.arange(10), 99 - np.arange(10),
+                                               100 + np.arange(10)], 1))
+  np.testing.assert_allclose(scores, 1.0, rtol=1e-6)
+
+
+def test_topk_k_equals_n_sorts_every_row():
+  queries, corpus = _data(5, (9, 6), (70, 6))
+  want_s, want_i = _ref_topk(queries, corpus, 70, "sq_euclidean")
+  scores, idx = jaxsim.topk(queries, corpus, 70, metric="sq_euclidean", block_size=32)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+  assert np.all((np.asarray(idx) >= 0) & (np.asarray(idx) < 70))  # no padding
+
+
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_topk_exclude_self(block_size):
+  (x,) = _data(6, (150, 8))
+  x[7] = x[3]  # a duplicate: row 3 must still find row 7 and vice versa
+  s = reference.cosine(x, x)
+  np.fill_diagonal(s, -np.inf)
+  want_s, want_i = reference.topk(s, 4)
+  scores, idx = jaxsim.topk(x, x, 4, exclude_self=True, block_size=block_size,
+                            query_block_size=32)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-6)
+  assert idx[3, 0] == 7 and idx[7, 0] == 3
+
+
+def test_topk_zero_rows_score_zero_and_tie_by_index():
+  queries, corpus = _data(7, (5, 6), (40, 6))
+  corpus[[4, 9, 30]] = 0.0
+  queries[2] = 0.0  # a zero query: cosine 0 with everything, so the first k rows
+  want_s, want_i = _ref_topk(queries, corpus, 5, "cosine")
+  scores, idx = jaxsim.topk(queries, corpus, 5, block_size=8)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_array_equal(idx[2], np.arange(5))
+  np.testing.assert_allclose(scores, want_s, atol=1e-6)
+  assert not np.any(np.isnan(scores))
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_topk_infinite_scores_rank_last_and_padding_never_appears(block_size):
+  # Row 3 scores -inf against the query (and a NaN row 6): with k = n they must still
+  # be returned, ranked last, and never displaced by padding or the initial state.
+  corpus = np.arange(20, dtype=np.float32).reshape(10, 2)
+  corpus[3] = [-np.inf, 0.0]
+  corpus[6] = [np.nan, 1.0]
+  scores, idx = jaxsim.topk(np.float32([[1.0, 0.0]]), corpus, 10, metric="dot",
+                            block_size=block_size)
+  np.testing.assert_array_equal(np.sort(idx[0]), np.arange(10))
+  np.testing.assert_array_equal(idx[0, -2:], [3, 6])
+  np.testing.assert_array_equal(scores[0, -2:], np.finfo(np.float32).min)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_topk_low_precision_dtypes(dtype):
+  queries, corpus = _data(8, (12, 16), (200, 16))
+  q, c = jnp.asarray(queries, dtype), jnp.asarray(corpus, dtype)
+  full = reference.cosine(np.asarray(q, np.float32), np.asarray(c, np.float32))
+  want_s, _ = reference.topk(full, 4)
+  scores, idx = jaxsim.topk(q, c, 4, block_size=64)
+  assert scores.dtype == dtype
+  # Near-ties may order differently at low precision; the scores of what was found
+  # must still be the k best.
+  np.testing.assert_allclose(np.take_along_axis(full, np.asarray(idx), 1), want_s,
+                             atol=TOL[dtype])
+  np.testing.assert_allclose(np.asarray(scores, np.float32), want_s, atol=TOL[dtype])
+
+
+def test_topk_under_jit_and_integer_inputs():
+  queries, corpus = _ints(9, (6, 5), (50, 5), values=(-2, -1, 0, 1, 3))
+  eager = jaxsim.topk(queries.astype(np.int32), corpus.astype(np.int32), 3, metric="dot")
+  jitted = jax.jit(lambda a, b: jaxsim.topk(a, b, 3, metric="dot", block_size=16))(
+      queries, corpus)
+  want_s, want_i = _ref_topk(queries, corpus, 3, "dot")
+  for scores, idx in (eager, jitted):
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_array_equal(scores, want_s)
+
+
+def test_topk_approx_recall():
+  queries, corpus = _data(10, (32, 16), (600, 16))
+  _, want_i = _ref_topk(queries, corpus, 10, "cosine")
+  _, idx = jaxsim.topk(queries, corpus, 10, approx=True, recall_target=0.9, block_size=128)
+  idx = np.asarray(idx)
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, want_i, strict=True)])
+  assert recall >= 0.9
+  assert np.all((idx >= 0) & (idx < 600))
+
+
+def test_topk_empty_queries():
+  scores, idx = jaxsim.topk(np.zeros((0, 4), np.float32), np.ones((5, 4), np.float32), 2)
+  assert scores.shape == (0, 2) and idx.shape == (0, 2) and idx.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("n,exclude_self", [(203, False), (203, True), (5, False)])
+def test_topk_mesh_identical_to_single_device(n, exclude_self):
+  # n=203 is not a multiple of 8 devices; n=5 leaves devices with no real rows.
+  (corpus,) = _ints(11, (n, 6))
+  queries = corpus if exclude_self else _ints(12, (33, 6))[0]
+  k = 4
+  single = jaxsim.topk(queries, corpus, k, metric="dot", exclude_self=exclude_self,
+                       block_size=32)
+  sharded = jaxsim.topk(queries, corpus, k, metric="dot", exclude_self=exclude_self,
+                        block_size=32, mesh=_mesh())
+  np.testing.assert_array_equal(sharded[1], single[1])
+  np.testing.assert_array_equal(sharded[0], single[0])
+  if not exclude_self:
+    np.testing.assert_array_equal(single[1], _ref_topk(queries, corpus, k, "dot")[1])
+
+
+def test_topk_mesh_random_data_and_euclidean():
+  queries, corpus = _data(13, (17, 8), (301, 8))
+  for metric in ("cosine", "euclidean"):
+    single = jaxsim.topk(queries, corpus, 6, metric=metric)
+    sharded = jaxsim.topk(queries, corpus, 6, metric=metric, mesh=_mesh())
+    np.testing.assert_array_equal(sharded[1], single[1])
+    np.testing.assert_allclose(sharded[0], single[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("call", ["topk", "pairs_above", "similarity_stats"])
+def test_temporaries_stay_far_below_the_score_matrix(call):
+  q, n, d = 4096, 32768, 32
+  fns = {
+      "topk": lambda a, b: jaxsim.topk(a, b, 10),
+      "pairs_above": lambda a, b: jaxsim.pairs_above(a, b, threshold=0.9, max_pairs=1024),
+      "similarity_stats": lambda a, b: jaxsim.similarity_stats(a, b),
+  }
+  spec = (jax.ShapeDtypeStruct((q, d), jnp.float32), jax.ShapeDtypeStruct((n, d), jnp.float32))
+  compiled = jax.jit(fns[call]).lower(*spec).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 0.1 * q * n * 4, f"{call}: {temp / 2**20:.1f} MiB of temporaries"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=51), r"k=51 with n=50"),
+    (dict(k=50, exclude_self=True), r"k=50 with n=50"),
+    (dict(k=0), r"`k` must be a positive int"),
+    (dict(k=2.0), r"`k` must be a positive int"),
+    (dict(k=2, block_size=0), r"`block_size`"),
+    (dict(k=2, query_block_size=-1), r"`query_block_size`"),
+    (dict(k=2, metric="manhattan"), r"`metric` must be one of"),
+    (dict(k=2, approx=True, recall_target=1.5), r"recall_target"),
+])
+def test_topk_errors(kwargs, match):
+  x = np.ones((50, 4), np.float32)
+  with pytest.raises(ValueError, match=match):
+    jaxsim.topk(x, x, **kwargs)
+
+
+def test_topk_shape_and_type_errors():
+  with pytest.raises(ValueError, match=r"exclude_self.*queries.shape=\(3, 4\)"):
+    jaxsim.topk(np.ones((3, 4)), np.ones((5, 4)), 1, exclude_self=True)
+  with pytest.raises(ValueError, match=r"same feature dim.*queries.shape=\(3, 4\)"):
+    jaxsim.topk(np.ones((3, 4)), np.ones((5, 3)), 1)
+  with pytest.raises(ValueError, match=r"`queries` must have rank 2, got shape \(4,\)"):
+    jaxsim.topk(np.ones(4), np.ones((5, 4)), 1)
+  with pytest.raises(ValueError, match=r"`corpus` must have rank 2"):
+    jaxsim.topk(np.ones((3, 4)), np.ones((2, 5, 4)), 1)
+  with pytest.raises(TypeError, match=r"`corpus` must be real"):
+    jaxsim.topk(np.ones((3, 4)), np.ones((5, 4), np.complex64), 1)
+  with pytest.raises(TypeError, match=r"`mesh` must be a jax.sharding.Mesh"):
+    jaxsim.topk(np.ones((3, 4)), np.ones((5, 4)), 1, mesh=jax.devices())
+
+
+# --- pairs_above ----------------------------------------------------------------------------
+
+
+def _ref_pairs(x, y, metric, share):
+  """A threshold passed by about `share` of the pairs, placed mid-way in a gap between
+  scores so that float32 and float64 agree on every comparison, and the reference."""
+  within = y is None
+  s = reference.METRICS[metric](x, x if within else y)
+  largest = metric not in reference.DISTANCES
+  vals = np.sort(reference.pair_values(s, within=within))
+  if largest:
+    vals = vals[::-1]
+  i = int(share * len(vals))
+  gaps = np.abs(np.diff(vals[i:i + 200]))
+  j = i + int(np.argmax(gaps > 1e-3))
+  threshold = float((vals[j] + vals[j + 1]) / 2)
+  return threshold, reference.pairs_above(s, threshold, largest=largest, upper=within)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
+@pytest.mark.parametrize("within", [True, False])
+@pytest.mark.parametrize("block_size,query_block_size", [(None, None), (7, 5), (64, 32)])
+def test_pairs_above_matches_brute_force(metric, within, block_size, query_block_size):
+  x, y = _data(20, (90, 6), (70, 6))
+  y = None if within else y
+  threshold, (rows, cols, vals) = _ref_pairs(x, y, metric, 0.05)
+  assert 10 < len(rows) < 1000
+  got = jaxsim.pairs_above(x, y, threshold=threshold, max_pairs=1000, metric=metric,
+                           block_size=block_size, query_block_size=query_block_size)
+  c = len(rows)
+  assert int(got.count) == c and not bool(got.overflowed)
+  np.testing.assert_array_equal(got.rows[:c], rows)
+  np.testing.assert_array_equal(got.cols[:c], cols)
+  np.testing.assert_allclose(got.scores[:c], vals, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.rows[c:], -1)
+  np.testing.assert_array_equal(got.cols[c:], -1)
+  np.testing.assert_array_equal(got.scores[c:], 0.0)
+
+
+@pytest.mark.parametrize("block_size,query_block_size", [(None, None), (9, 4), (32, 64)])
+def test_pairs_above_overflow_keeps_first_pairs_and_warns(block_size, query_block_size):
+  (x,) = _data(21, (80, 5))
+  threshold, (rows, cols, _) = _ref_pairs(x, None, "cosine", 0.2)
+  cap = len(rows) // 3
+  with pytest.warns(RuntimeWarning, match=r"pairs qualify but max_pairs"):
+    got = jaxsim.pairs_above(x, threshold=threshold, max_pairs=cap, block_size=block_size,
+                             query_block_size=query_block_size)
+  assert int(got.count) == len(rows) and bool(got.overflowed)
+  np.testing.assert_array_equal(got.rows, rows[:cap])
+  np.testing.assert_array_equal(got.cols, cols[:cap])
+
+
+def test_pairs_above_under_jit_reports_overflow_without_warning():
+  (x,) = _data(22, (40, 5))
+  threshold, (rows, _, _) = _ref_pairs(x, None, "cosine", 0.2)
+  fn = jax.jit(lambda a: jaxsim.pairs_above(a, threshold=threshold, max_pairs=5))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = fn(x)
+  assert bool(got.overflowed) and int(got.count) == len(rows)
+  np.testing.assert_array_equal(got.rows, rows[:5])
+
+
+@pytest.mark.parametrize("metric,threshold", [("sq_euclidean", 0.5), ("cosine", 0.9999)])
+def test_pairs_above_finds_duplicates(metric, threshold):
+  # Integer rows: distinct rows are at squared distance >= 1 and cosine <= 0.99;
+  # duplicates at (float32) distance ~0 and cosine ~1.
+  (base,) = _ints(23, (12, 4), values=(1, 2, 3))
+  x = np.concatenate([base, base[:3], base[5:6]])
+  got = jaxsim.pairs_above(x, threshold=threshold, max_pairs=20, metric=metric, block_size=4)
+  rows, cols, _ = reference.pairs_above(reference.METRICS[metric](x, x), threshold,
+                                        largest=metric == "cosine", upper=True)
+  c = int(got.count)
+  assert c == len(rows) >= 4
+  np.testing.assert_array_equal(got.rows[:c], rows)
+  np.testing.assert_array_equal(got.cols[:c], cols)
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_pairs_above_mesh_identical_to_single_device(within):
+  x, y = _ints(24, (45, 5), (203, 5))
+  y = None if within else y
+  kwargs = dict(threshold=2.0, metric="dot", block_size=16)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # small capacity on purpose
+    single = jaxsim.pairs_above(x, y, max_pairs=100, **kwargs)
+    sharded = jaxsim.pairs_above(x, y, max_pairs=100, mesh=_mesh(), **kwargs)
+  for a, b in zip(single, sharded, strict=True):
+    np.testing.assert_array_equal(a, b)
+  rows, cols, _ = reference.pairs_above(reference.dot(x, x if within else y), 2.0,
+                                        upper=within)
+  assert int(single.count) == len(rows) > 100
+  np.testing.assert_array_equal(single.rows, rows[:100])
+  np.testing.assert_array_equal(single.cols, cols[:100])
+
+
+def test_pairs_above_errors():
+  x = np.ones((5, 3), np.float32)
+  with pytest.raises(ValueError, match=r"`max_pairs` must be a positive int"):
+    jaxsim.pairs_above(x, threshold=0.5, max_pairs=0)
+  with pytest.raises(ValueError, match=r"same feature dim"):
+    jaxsim.pairs_above(x, np.ones((4, 2)), threshold=0.5, max_pairs=3)
+  with pytest.raises(ValueError, match=r"`x` must have rank 2"):
+    jaxsim.pairs_above(np.ones((2, 5, 3)), threshold=0.5, max_pairs=3)
+  with pytest.raises(TypeError):
+    jaxsim.pairs_above(x, threshold=0.5)  # threshold and max_pairs are required

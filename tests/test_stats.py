@@ -1,0 +1,144 @@
+"""All-pairs statistics: numpy over the full matrix, exact counts, devices, memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jaxsim
+from jaxsim._src import stats
+from tests import reference
+
+
+def _data(seed, *shapes):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def _check(got, vals, bins, lo, hi, *, tol=1e-5):
+  """Compares `similarity_stats` output with float64 numpy over the pair values."""
+  assert got.count.dtype == jnp.int32 and got.histogram.dtype == jnp.int32
+  assert int(got.count) == vals.size
+  np.testing.assert_allclose(got.mean, vals.mean(), rtol=tol, atol=tol)
+  np.testing.assert_allclose(got.std, vals.std(), rtol=tol, atol=tol)
+  np.testing.assert_allclose(got.min, vals.min(), rtol=tol, atol=tol)
+  np.testing.assert_allclose(got.max, vals.max(), rtol=tol, atol=tol)
+  # float32 and float64 may disagree on the sign (or bin) of values within rounding of
+  # 0 (or of a bin edge); allow exactly those.
+  unsure = np.sum(np.abs(vals) < 1e-5)
+  assert abs(float(got.share_nonnegative) * vals.size - np.sum(vals >= 0)) <= unsure + 0.5
+  want, edges = np.histogram(vals, bins, (lo, hi))
+  np.testing.assert_allclose(got.bin_edges, edges, rtol=1e-6, atol=1e-6)
+  near = np.sum(np.abs(vals[:, None] - edges[None, 1:-1]) < 1e-4 * (hi - lo))
+  assert np.sum(np.abs(np.asarray(got.histogram) - want)) <= 2 * near
+  assert int(np.sum(got.histogram)) == np.sum((vals >= lo) & (vals <= hi))
+
+
+@pytest.mark.parametrize("metric,value_range", [("cosine", None), ("euclidean", (0.0, 8.0)),
+                                                ("dot", (-6.0, 6.0))])
+@pytest.mark.parametrize("within,exclude_diagonal", [(True, True), (True, False),
+                                                     (False, True)])
+def test_stats_match_numpy(metric, value_range, within, exclude_diagonal):
+  x, y = _data(0, (70, 6), (45, 6))
+  x[5] = 0.0  # a zero row: cosine 0 against everything
+  s = reference.METRICS[metric](x, x if within else y)
+  vals = reference.pair_values(s, within=within, diagonal=not exclude_diagonal)
+  if metric == "cosine":
+    vals = np.clip(vals, -1.0, 1.0)  # float64 self-cosines can round to 1 + 2e-16
+  lo, hi = value_range or (-1.0, 1.0)
+  got = jaxsim.similarity_stats(x, None if within else y, metric=metric, bins=16,
+                                range=value_range, exclude_diagonal=exclude_diagonal,
+                                block_size=16, query_block_size=24)
+  _check(got, vals, 16, lo, hi)
+
+
+@pytest.mark.parametrize("block_size,query_block_size", [(None, None), (1, 7), (50, 13),
+                                                         (200, 300)])
+def test_stats_independent_of_block_sizes(block_size, query_block_size):
+  (x,) = _data(1, (130, 5))
+  vals = reference.pair_values(reference.cosine(x, x), within=True)
+  got = jaxsim.similarity_stats(x, bins=10, block_size=block_size,
+                                query_block_size=query_block_size)
+  _check(got, vals, 10, -1.0, 1.0)
+
+
+def test_stats_accurate_for_offset_values_over_a_million_pairs():
+  # Scores about 36 with a spread of about 5: the mean and the variance about it both
+  # need care in float32 over 1.1e6 values.
+  rng = np.random.default_rng(2)
+  x = (3.0 + 0.5 * rng.standard_normal((1500, 4))).astype(np.float32)
+  vals = reference.pair_values(reference.dot(x, x), within=True)
+  got = jaxsim.similarity_stats(x, metric="dot", range=(0.0, 80.0), bins=8, block_size=256)
+  assert int(got.count) == vals.size == 1500 * 1499 // 2
+  np.testing.assert_allclose(got.mean, vals.mean(), rtol=2e-6)
+  np.testing.assert_allclose(got.std, vals.std(), rtol=2e-5)
+
+
+def test_stats_mesh_identical_to_single_device():
+  # Small integers: every score is exact, so all fields must match bit for bit except
+  # mean and std, whose float32 merges run in a different order.
+  rng = np.random.default_rng(3)
+  x = rng.choice(np.float32([-1, 0, 1, 2]), size=(203, 5))
+  kwargs = dict(metric="dot", range=(-10.0, 10.0), bins=20, block_size=16)
+  single = jaxsim.similarity_stats(x, **kwargs)
+  sharded = jaxsim.similarity_stats(x, mesh=Mesh(np.array(jax.devices()), ("c",)), **kwargs)
+  for field in ("count", "min", "max", "share_nonnegative", "histogram", "bin_edges"):
+    np.testing.assert_array_equal(getattr(sharded, field), getattr(single, field))
+  np.testing.assert_allclose(sharded.mean, single.mean, rtol=1e-6)
+  np.testing.assert_allclose(sharded.std, single.std, rtol=1e-6)
+  _check(single, reference.pair_values(reference.dot(x, x), within=True), 20, -10.0, 10.0)
+
+
+def test_stats_under_jit():
+  x, y = _data(4, (20, 3), (30, 3))
+  eager = jaxsim.similarity_stats(x, y, bins=5)
+  jitted = jax.jit(lambda a, b: jaxsim.similarity_stats(a, b, bins=5))(x, y)
+  for a, b in zip(eager, jitted, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_wide_count_is_exact_past_int32():
+  increments = np.random.default_rng(5).integers(0, 2**30, size=300)
+  step = lambda w, n: (stats.wide_add(w, n), None)
+  w, _ = jax.lax.scan(step, stats.wide_zeros(), jnp.asarray(increments, jnp.int32))
+  total = int(np.sum(increments, dtype=np.int64))
+  assert total > 2**37
+  assert int(w.hi) * 2**24 + int(w.lo) == total and 0 <= int(w.lo) < 2**24
+  for p, want in ((total - 1, True), (total, False), (total + 2**24, False), (0, True)):
+    assert bool(stats.wide_greater(w, p)) == want
+  doubled = stats.wide_sum(w, w)
+  assert int(doubled.hi) * 2**24 + int(doubled.lo) == 2 * total
+  np.testing.assert_allclose(float(stats.wide_float(w)), total, rtol=1e-7)
+
+
+@pytest.mark.parametrize("n,dtype", [(30522, jnp.int32), (70000, jnp.float32)])
+def test_count_dtype_exact_for_a_vocabulary(n, dtype):
+  # 30522^2 / 2 pairs fit int32 exactly; 70000^2 / 2 > 2**31 do not, and without x64
+  # the count is returned as float32. Shapes only: nothing is computed.
+  spec = jax.ShapeDtypeStruct((n, 8), jnp.float32)
+  out = jax.eval_shape(lambda x: jaxsim.similarity_stats(x), spec)
+  assert out.count.dtype == dtype and out.histogram.dtype == dtype
+  pairs = jax.eval_shape(lambda x: jaxsim.pairs_above(x, threshold=0.9, max_pairs=4), spec)
+  assert pairs.count.dtype == dtype
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(metric="euclidean"), r"`range` is required for metric 'euclidean'"),
+    (dict(range=(1.0, 1.0)), r"lo < hi"),
+    (dict(bins=0), r"`bins` must be a positive int"),
+    (dict(block_size=0), r"`block_size`"),
+    (dict(metric="cosines"), r"`metric` must be one of"),
+])
+def test_stats_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jaxsim.similarity_stats(np.ones((4, 3), np.float32), **kwargs)
+
+
+def test_stats_error_without_pairs_and_bad_shapes():
+  with pytest.raises(ValueError, match=r"no pairs.*x.shape=\(1, 3\)"):
+    jaxsim.similarity_stats(np.ones((1, 3)))
+  with pytest.raises(ValueError, match=r"same feature dim"):
+    jaxsim.similarity_stats(np.ones((4, 3)), np.ones((4, 2)))
+  with pytest.raises(ValueError, match=r"`x` must have rank 2"):
+    jaxsim.similarity_stats(np.ones(3))
