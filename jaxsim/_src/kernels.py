@@ -15,7 +15,6 @@ No per-pair loop and no N x M division ever happen.
 
 from __future__ import annotations
 
-import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -160,7 +159,6 @@ def _safe_sqrt_jvp(primals, tangents):
   return y, jnp.where(y > 0, t / (2.0 * jnp.where(y > 0, y, 1.0)), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "precision"))
 def _pairwise(x, y, eps, scale, *, metric, precision):
   self_sim = y is None
   squeeze_x, squeeze_y = x.ndim == 1, (x if self_sim else y).ndim == 1
@@ -178,14 +176,11 @@ def _pairwise(x, y, eps, scale, *, metric, precision):
   yp = xp if self_sim else prepare(y, metric, eps=eps, shift=shift)
   s = score(xp, yp, metric, scale=scale, precision=precision)
   if self_sim and metric in ("cosine", "sq_euclidean", "euclidean"):
-    # Exact diagonals: 1 for nonzero rows under cosine, 0 for self-distances.
-    n = s.shape[-1]
-    eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(
-        jnp.int32, (n, n), 1)
-    if metric == "cosine":
-      s = jnp.where(eye & (xp.aux[..., :, None] > 0), 1.0, s)
-    else:
-      s = jnp.where(eye, 0.0, s)
+    # Exact diagonals: 1 for nonzero rows under cosine (xp.aux is that mask), 0 for
+    # self-distances. A scatter writes n values in place; a select over an eye mask
+    # would be one more pass over all n^2.
+    idx = jnp.arange(s.shape[-1])
+    s = s.at[..., idx, idx].set(xp.aux if metric == "cosine" else 0.0)
   s = s.astype(x.dtype)
   drop = tuple(s.ndim + ax for ax, sq in ((-2, squeeze_x), (-1, squeeze_y)) if sq)
   return jnp.squeeze(s, axis=drop) if drop else s
@@ -220,7 +215,16 @@ def pairwise(x: ArrayLike, y: ArrayLike | None = None, *, metric: Metric = "cosi
   """
   check_metric(metric)
   x, y = validation.pair(x, y)
-  return _pairwise(x, y, eps, scale, metric=metric, precision=precision)
+  if all(v is None or isinstance(v, (int, float)) for v in (eps, scale)):
+    return _pairwise_static(x, y, eps=eps, scale=scale, metric=metric, precision=precision)
+  return _pairwise_traced(x, y, eps, scale, metric=metric, precision=precision)
+
+
+# Python-number options are compiled in: passing them as traced arguments would cost a
+# host-to-device copy on every eager call. Array options (a learned scale, say) stay
+# traced so that they can be differentiated and vary without recompiling.
+_pairwise_static = jax.jit(_pairwise, static_argnames=("eps", "scale", "metric", "precision"))
+_pairwise_traced = jax.jit(_pairwise, static_argnames=("metric", "precision"))
 
 
 def dot(x: ArrayLike, y: ArrayLike | None = None, *, precision=None) -> jax.Array:
