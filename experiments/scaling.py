@@ -421,7 +421,7 @@ def print_targets(t: dict) -> None:
           f"{s['target']}x faster: {sp}")
 
 
-def plot(n_rows, d_rows, topk_rows, out, d_fixed, n_fixed):
+def plot(n_rows, d_rows, topk_rows, out, d_fixed, n_fixed, torch_threads):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -462,7 +462,8 @@ def plot(n_rows, d_rows, topk_rows, out, d_fixed, n_fixed):
   axes[1].set_yscale("linear")
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.08))
-  fig.suptitle(f"All-pairs cosine and top-k, float32, on {_machine()}", fontsize=10)
+  fig.suptitle(f"All-pairs cosine and top-k, float32, on {_machine()} "
+               f"(torch: {torch_threads} threads)", fontsize=10)
   paths = [harness.save_figure(fig, out, NAME)]
   if d_rows:
     fig, ax = plt.subplots(figsize=(6, 4.6))
@@ -568,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
   checks = [lat["checks"]["passed"]] + [("check" not in r) for r in n_rows + d_rows]
   checks += [r.get("passed", True) for r in topk_rows or []]
   results["checks_passed"] = all(checks)
-  paths = plot(n_rows, d_rows, topk_rows, args.out, grid["d"], grid["n_for_d"])
+  paths = plot(n_rows, d_rows, topk_rows, args.out, grid["d"], grid["n_for_d"], torch_threads)
   paths.append(harness.write_json(args.out, NAME, results))
   print("\nwrote " + ", ".join(str(p) for p in paths))
   if not results["checks_passed"]:

@@ -7,10 +7,12 @@ masking follow `jax.nn.dot_product_attention`: `(B, T, N, H)` queries, `(B, S, K
 keys and values with `N` a multiple of `K` (grouped-query heads), a boolean `mask`
 (True = attend) and an additive `bias`, both broadcastable to `(B, N, T, S)`.
 
-The blocked form streams key/value blocks through the shared `blockscan.block_scan`
-with an online softmax (running max, running denominator, running weighted sum of
-values), so no `T x S` array is ever held, in the forward or (thanks to the per-block
-`jax.checkpoint` of `block_scan`) the backward pass.
+The blocked form is a client of the shared block loop: `blockscan.block_map` takes
+query blocks one at a time, and for each, `blockscan.block_scan` folds in key/value
+blocks with an online softmax (running max, running denominator, running weighted sum
+of values), the mask, bias and causal structure cut to the current (query block, key
+block) window. No `T x S` (or `T x block`) array is ever held, in the forward pass or,
+with every query block and key block recomputed under `jax.checkpoint`, the backward.
 
 Internally heads are laid out grouped: queries `(B, K, G, T, H)` against keys
 `(B, K, 1, S, H)`, `G = N // K`, so the key heads broadcast over their query group in
@@ -458,17 +460,20 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
   .. math:: m' = \max(m, \max_j s_j),\quad l' = e^{m - m'} l + \sum_j e^{s_j - m'},
      \quad a' = e^{m - m'} a + \sum_j e^{s_j - m'} v_j
 
-  and :math:`o = a / l`. Temporaries are `(B, N, T, block_size)` instead of
-  `(B, N, T, S)`, and each block is recomputed in the backward pass, so gradients stay
-  small too; values and gradients equal the dense form's up to rounding.
+  and :math:`o = a / l`. Queries are taken `block_size` rows at a time as well, so
+  the logits held at once are `(B, N, block_size, block_size)` instead of
+  `(B, N, T, S)`, and what remains is O((T + S) N H); every block is recomputed in the
+  backward pass, so the gradient's temporaries are O((T + S) N H) too. Values and
+  gradients equal the dense form's up to rounding. On a CPU the dense form is usually
+  faster while its `T x S` temporaries fit; the blocked form is for when they do not.
 
   Args:
     query: `(B, T, N, H)` array, or unbatched `(T, N, H)`.
     key: `(B, S, K, H)` array, or unbatched `(S, K, H)`; `N` a multiple of `K`.
     value: `(B, S, K, Hv)` array (`(S, K, Hv)` unbatched); usually `Hv = H`.
 {args}
-    block_size: key/value rows per block; None for the dense form. Any positive int
-      (need not divide `S`); `>= S` is one block.
+    block_size: query rows and key/value rows per block; None for the dense form. Any
+      positive int (it need not divide `T` or `S`).
 
   Returns:
     `(B, T, N, Hv)` (or `(T, N, Hv)`) output in the inputs' floating dtype; logits,

@@ -156,10 +156,10 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
   if exclude_self and q != n:
     raise ValueError("`exclude_self=True` needs the queries to be the corpus rows, got "
                      f"queries.shape={queries.shape} and corpus.shape={corpus.shape}.")
-  limit = n - 1 if exclude_self else n
-  if k > limit:
-    raise ValueError(f"`k` must be at most the number of corpus rows{' - 1 (exclude_self)' if exclude_self else ''}: "
-                     f"got k={k} with n={n} (corpus.shape={corpus.shape}).")
+  if k > (n - 1 if exclude_self else n):
+    bound = "n - 1 (exclude_self=True)" if exclude_self else "n, the number of corpus rows"
+    raise ValueError(f"`k` must be at most {bound}: got k={k} with n={n} "
+                     f"(corpus.shape={corpus.shape}).")
   if approx and not 0.0 < recall_target <= 1.0:
     raise ValueError(f"`recall_target` must be in (0, 1], got {recall_target!r}.")
   if q == 0:
