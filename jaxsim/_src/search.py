@@ -144,13 +144,9 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     Array([[0, 2]], dtype=int32)
   """
   kernels.check_metric(metric)
-  queries, corpus = validation.pair(queries, corpus, x_name="queries", y_name="corpus")
-  validation.check_rank(queries, "queries", min_rank=2, max_rank=2)
-  validation.check_rank(corpus, "corpus", min_rank=2, max_rank=2)
+  queries, corpus = validation.matrices(queries, corpus, x_name="queries", y_name="corpus")
   k = validation.check_positive_int(k, "k")
-  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
-  query_block_size = validation.check_positive_int(query_block_size, "query_block_size",
-                                                   allow_none=True)
+  block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
   q, n = queries.shape[0], corpus.shape[0]
   if exclude_self and q != n:
@@ -341,14 +337,9 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     (Array([ 0, -1, -1, -1], dtype=int32), Array([ 2, -1, -1, -1], dtype=int32), 1)
   """
   kernels.check_metric(metric)
-  x, y = validation.pair(x, y)
-  validation.check_rank(x, "x", min_rank=2, max_rank=2)
-  if y is not None:
-    validation.check_rank(y, "y", min_rank=2, max_rank=2)
+  x, y = validation.matrices(x, y)
   max_pairs = validation.check_positive_int(max_pairs, "max_pairs")
-  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
-  query_block_size = validation.check_positive_int(query_block_size, "query_block_size",
-                                                   allow_none=True)
+  block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
   n = x.shape[0]
   bound = n * (n - 1) // 2 if y is None else n * y.shape[0]

@@ -227,14 +227,9 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     (124750, True)
   """
   kernels.check_metric(metric)
-  x, y = validation.pair(x, y)
-  validation.check_rank(x, "x", min_rank=2, max_rank=2)
-  if y is not None:
-    validation.check_rank(y, "y", min_rank=2, max_rank=2)
+  x, y = validation.matrices(x, y)
   bins = validation.check_positive_int(bins, "bins")
-  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
-  query_block_size = validation.check_positive_int(query_block_size, "query_block_size",
-                                                   allow_none=True)
+  block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
   if range is None:
     if metric != "cosine":

@@ -85,6 +85,22 @@ def pair(x: ArrayLike, y: ArrayLike | None, *, x_name: str = "x",
   return x, y
 
 
+def matrices(x: ArrayLike, y: ArrayLike | None, *, x_name: str = "x",
+             y_name: str = "y") -> tuple[jax.Array, jax.Array | None]:
+  """`pair` for the streamed reductions, which take 2-D `(n, d)` / `(m, d)` row sets."""
+  x, y = pair(x, y, x_name=x_name, y_name=y_name)
+  check_rank(x, x_name, min_rank=2, max_rank=2)
+  if y is not None:
+    check_rank(y, y_name, min_rank=2, max_rank=2)
+  return x, y
+
+
+def block_sizes(block_size, query_block_size) -> tuple[int | None, int | None]:
+  """Checks the corpus and query block sizes that the streamed reductions take."""
+  return (check_positive_int(block_size, "block_size", allow_none=True),
+          check_positive_int(query_block_size, "query_block_size", allow_none=True))
+
+
 def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
   if value is None and allow_none:
     return None
