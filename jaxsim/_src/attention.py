@@ -249,11 +249,11 @@ def _online_softmax_step(qp, rows, *, value_dtype, precision, **opts):
   return step
 
 
-def _blocked(qp, kp, v, *, block_size, precision, **opts):
+def _blocked(qp, kp, v, *, block_size, query_block_size, precision, **opts):
   """Output `(B, K, G, T, Hv)` in the accumulation dtype, query block by key block.
 
   `block_map` takes query blocks one at a time, each folding every key/value block in
-  with `block_scan`; temporaries are `(block, block)` per head. Each query block is
+  with `block_scan`; temporaries are `(query_block, block)` per head. Each query block is
   checkpointed, so the backward pass keeps only one query block's per-key-block
   carries at a time and the gradient's temporaries stay O((T + S) H) too.
   """
@@ -276,8 +276,8 @@ def _blocked(qp, kp, v, *, block_size, precision, **opts):
 
   t = qp.rows.shape[3]
   rows = jnp.arange(t, dtype=jnp.int32)[None, None, None]  # (1, 1, 1, T): T on axis 3
-  return blockscan.block_map(jax.checkpoint(query_block), (qp, rows), block_size=block_size,
-                             axis=3)
+  return blockscan.block_map(jax.checkpoint(query_block), (qp, rows),
+                             block_size=query_block_size, axis=3)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "is_causal", "precision", "output"))
@@ -296,8 +296,10 @@ def _scores(query, key, mask, bias, scale, *, kind, is_causal, precision, output
   return jnp.reshape(out, (b, n, t, s_len))
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "is_causal", "block_size", "precision"))
-def _attention(query, key, value, mask, bias, scale, *, kind, is_causal, block_size, precision):
+@functools.partial(jax.jit, static_argnames=("kind", "is_causal", "block_size",
+                                             "query_block_size", "precision"))
+def _attention(query, key, value, mask, bias, scale, *, kind, is_causal, block_size,
+               query_block_size, precision):
   b, t, n, _ = query.shape
   hv = value.shape[-1]
   q, k, v, mask, bias = _grouped(query, key, value, mask, bias, key.shape[2])
@@ -308,7 +310,8 @@ def _attention(query, key, value, mask, bias, scale, *, kind, is_causal, block_s
     out = jnp.matmul(w.astype(v.dtype), v, precision=precision,
                      preferred_element_type=kernels.accum_dtype(query.dtype))
   else:
-    out = _blocked(qp, kp, v, block_size=block_size, precision=precision, **opts)
+    out = _blocked(qp, kp, v, block_size=block_size, query_block_size=query_block_size,
+                   precision=precision, **opts)
   out = jnp.transpose(out, (0, 3, 1, 2, 4)).astype(query.dtype)
   return jnp.reshape(out, (b, t, n, hv))
 
@@ -443,7 +446,8 @@ def attention_weights(query: ArrayLike, key: ArrayLike, *, kind: Kind = "scaled_
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind = "scaled_dot",
               scale: float | jax.Array | None = None, mask: ArrayLike | None = None,
               is_causal: bool = False, bias: ArrayLike | None = None,
-              block_size: int | None = None, precision=None) -> jax.Array:
+              block_size: int | None = None, query_block_size: int | None = None,
+              precision=None) -> jax.Array:
   r"""Multi-head attention with dot, scaled-dot or cosine logits, dense or blocked.
 
   .. math:: o_{btn} = \sum_j w_{bntj}\, v_{bj,\lfloor n/G \rfloor}
@@ -460,8 +464,8 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
   .. math:: m' = \max(m, \max_j s_j),\quad l' = e^{m - m'} l + \sum_j e^{s_j - m'},
      \quad a' = e^{m - m'} a + \sum_j e^{s_j - m'} v_j
 
-  and :math:`o = a / l`. Queries are taken `block_size` rows at a time as well, so
-  the logits held at once are `(B, N, block_size, block_size)` instead of
+  and :math:`o = a / l`. Queries are taken `query_block_size` rows at a time, so
+  the logits held at once are `(B, N, query_block_size, block_size)` instead of
   `(B, N, T, S)`, and what remains is O((T + S) N H); every block is recomputed in the
   backward pass, so the gradient's temporaries are O((T + S) N H) too. Values and
   gradients equal the dense form's up to rounding. On a CPU the dense form is usually
@@ -472,8 +476,10 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
     key: `(B, S, K, H)` array, or unbatched `(S, K, H)`; `N` a multiple of `K`.
     value: `(B, S, K, Hv)` array (`(S, K, Hv)` unbatched); usually `Hv = H`.
 {args}
-    block_size: query rows and key/value rows per block; None for the dense form. Any
-      positive int (it need not divide `T` or `S`).
+    block_size: key/value rows per block; None for the dense form. Any positive int
+      (it need not divide `S`).
+    query_block_size: query rows per block of the blocked form (default: `block_size`;
+      it need not divide `T`). Only with `block_size`.
 
   Returns:
     `(B, T, N, Hv)` (or `(T, N, Hv)`) output in the inputs' floating dtype; logits,
@@ -481,7 +487,8 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
 
   Raises:
     TypeError, ValueError: as `attention_scores`, and a ValueError for a
-    non-positive `block_size` or a `value` whose shape does not match `key`.
+    non-positive `block_size` or `query_block_size`, a `query_block_size` without
+    `block_size`, or a `value` whose shape does not match `key`.
 
   References:
     Rabe and Staats, "Self-attention Does Not Need O(n^2) Memory", 2021.
@@ -497,11 +504,15 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
     >>> bool(jnp.allclose(dense, blocked, atol=1e-5))
     True
   """
-  block_size = validation.check_positive_int(block_size, "block_size", allow_none=True)
+  block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
+  if block_size is None and query_block_size is not None:
+    raise ValueError(f"`query_block_size={query_block_size}` needs `block_size` (the blocked "
+                     "form); the dense form takes no block sizes.")
   query, key, value, mask, bias, scale, batched = _setup(query, key, value, kind, scale, mask,
                                                          bias, is_causal)
   out = _attention(query, key, value, mask, bias, scale, kind=kind, is_causal=bool(is_causal),
-                   block_size=block_size, precision=precision)
+                   block_size=block_size, query_block_size=query_block_size or block_size,
+                   precision=precision)
   return out if batched else out[0]
 
 
