@@ -336,23 +336,31 @@ def growth_exponents(rows: list[dict], axis: str) -> dict[str, dict]:
   return fits
 
 
-def targets(lat: dict, lat_sync: dict | None, n_rows: list[dict]) -> dict:
+def rate_head_to_head(ns: list[int], *, d: int, repeats: int, seed: int) -> list[dict]:
+  """jaxsim against the raw matmul alone, for the rate target.
+
+  The sweep's round-robin also runs torch and numpy, whose idle worker threads keep
+  spinning into the next candidate's call; timing the two XLA programs on their own
+  keeps that load out of the ratio.
+  """
+  rng = np.random.default_rng(seed)
+  points = []
+  for n in ns:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    fns = all_pairs_candidates(x, cpu_baselines=False)
+    t = harness.compare(fns, repeats=repeats, min_sample_s=0.1, warmup=2)
+    ratio = t[RAW].median / t[JAXSIM].median
+    points.append({"n": n, "d": d, "ratio": ratio, "jaxsim_s": t[JAXSIM].median, "raw_s": t[RAW].median,
+                   # Best sample of each: least exposed to other load; reported, not judged.
+                   "ratio_of_best": t[RAW]["min"] / t[JAXSIM]["min"]})
+  return points
+
+
+def targets(lat: dict, lat_sync: dict | None, rate: list[dict]) -> dict:
   """The issue's two targets, measured in this run."""
-  rate = []
-  by_n = {}
-  for r in n_rows:
-    if "candidate" in r:
-      by_n.setdefault(r["n"], {})[r["candidate"]] = r
-  for n, t in sorted(by_n.items()):
-    if n >= RATE_MIN_N and JAXSIM in t and RAW in t:
-      ratio = t[RAW]["seconds"] / t[JAXSIM]["seconds"]
-      point = {"n": n, "ratio": ratio, "pass": ratio >= RATE_TARGET}
-      if "min" in t[JAXSIM] and "min" in t[RAW]:
-        # Best sample of each: less exposed to other load on the machine; not judged.
-        point["ratio_of_best"] = t[RAW]["min"] / t[JAXSIM]["min"]
-      rate.append(point)
+  rate = [dict(p, passed=p["ratio"] >= RATE_TARGET) for p in rate if p["n"] >= RATE_MIN_N]
   out = {"rate_vs_raw_matmul": {"target": RATE_TARGET, "min_n": RATE_MIN_N, "points": rate,
-                                "pass": bool(rate) and all(p["pass"] for p in rate)}}
+                                "pass": bool(rate) and all(p["passed"] for p in rate)}}
   for label, res in (("seed_size_latency", lat), ("seed_size_latency_sync_dispatch", lat_sync)):
     if res is None:
       continue
@@ -407,10 +415,9 @@ def print_targets(t: dict) -> None:
   print("\nTargets (measured in this run)")
   rv = t["rate_vs_raw_matmul"]
   pts = ", ".join(f"N={p['n']}: {p['ratio']:.3f} (best samples: {p['ratio_of_best']:.3f})"
-                  if "ratio_of_best" in p else f"N={p['n']}: {p['ratio']:.3f}"
-                  for p in rv["points"]) or "no N >= 2048 in this run"
+                  for p in rv["points"]) or f"no N >= {rv['min_n']} in this run"
   print(f"  [{'PASS' if rv['pass'] else 'FAIL'}] jaxsim rate >= {rv['target']} x raw matmul "
-        f"for N >= {rv['min_n']}: {pts}")
+        f"for N >= {rv['min_n']} (the two timed on their own): {pts}")
   for label in ("seed_size_latency", "seed_size_latency_sync_dispatch"):
     if label not in t:
       continue
@@ -564,7 +571,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, f in fits.items():
       print(f"  time ~ {axis[-1].upper()}^{f['exponent']:.2f}  {name} "
             f"({axis}: {f['from']}..{f['to']}, {f['points']} points)")
-  results["targets"] = targets(lat, lat_sync, n_rows)
+  rate = rate_head_to_head([n for n in grid["ns"] if n >= RATE_MIN_N], d=grid["d"],
+                           repeats=max(repeats, 9), seed=args.seed)
+  results["targets"] = targets(lat, lat_sync, rate)
   print_targets(results["targets"])
   checks = [lat["checks"]["passed"]] + [("check" not in r) for r in n_rows + d_rows]
   checks += [r.get("passed", True) for r in topk_rows or []]
