@@ -187,6 +187,27 @@ def test_fully_masked_everything_is_zero_not_nan():
       np.testing.assert_array_equal(g, 0.0)
 
 
+def test_minus_inf_bias_masks_like_a_mask_in_both_forms():
+  q, key, v = _qkv(13, b=1, t=3, s=4, n=1, k=1)
+  mask = np.ones((1, 1, 3, 4), bool)
+  mask[0, 0, 1] = False
+  mask[0, 0, 2, :2] = False
+  bias = np.where(mask, 0.0, -np.inf).astype(np.float32)
+  want = jaxsim.attention(q, key, v, mask=mask)
+  for block_size in (None, 2):
+    np.testing.assert_allclose(jaxsim.attention(q, key, v, bias=bias, block_size=block_size),
+                               want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(jaxsim.attention_weights(q, key, bias=bias)[0, 0, 1], 0.0)
+
+
+def test_no_keys_gives_zeros_in_both_forms():
+  q, key, v = _qkv(14, b=1, t=3, s=4, n=2, k=1)
+  for block_size in (None, 2):
+    out = jaxsim.attention(q, key[:, :0], v[:, :0], block_size=block_size)
+    assert out.shape == q.shape
+    np.testing.assert_array_equal(out, 0.0)
+
+
 def test_jit_vmap_and_unbatched_form():
   block_size = 3
   q, key, v = _qkv(13, b=3, t=5, s=7, n=4, k=2)

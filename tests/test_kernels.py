@@ -199,6 +199,38 @@ def test_bad_input_raises_naming_argument_and_shapes(metric, x, y, error, match)
     FUNCS[metric](x, y)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("metric", ["sq_euclidean", "euclidean"])
+def test_a_non_finite_row_spoils_only_its_own_distances(metric, bad):
+  x, y = _rand((6, 3), 30), _rand((9, 3), 31)
+  y[4, 1] = bad
+  got = np.asarray(FUNCS[metric](x, y))
+  keep = np.arange(9) != 4
+  want = ssd.cdist(x.astype(np.float64), y[keep].astype(np.float64),
+                   "sqeuclidean" if metric == "sq_euclidean" else "euclidean")
+  np.testing.assert_allclose(got[:, keep], want, rtol=1e-5, atol=1e-5)
+  assert not np.any(np.isfinite(got[:, 4]))
+
+
+def test_small_integer_rows_give_exact_distances():
+  rng = np.random.default_rng(32)
+  x, y = (rng.integers(-5, 6, s).astype(np.float32) + 100.0 for s in ((20, 7), (30, 7)))
+  want = ssd.cdist(x.astype(np.float64), y.astype(np.float64), "sqeuclidean")
+  np.testing.assert_array_equal(jaxsim.sq_euclidean(x, y), want)
+
+
+def test_array_options_must_be_scalars():
+  with pytest.raises(ValueError, match=r"`eps` must be a scalar, got shape \(2,\)"):
+    jaxsim.cosine(np.ones((2, 2)), eps=jnp.array([1.0, 2.0]))
+  with pytest.raises(ValueError, match=r"`scale` must be a scalar"):
+    jaxsim.scaled_dot(np.ones((2, 2)), scale=np.ones(3))
+
+
+def test_python_lists_read_as_the_default_float():
+  got = jaxsim.cosine([[1.0, 2.0]], jnp.ones((1, 2), jnp.bfloat16))
+  assert got.dtype == jnp.float32  # as jnp.asarray(list) + bfloat16, and no float64 warning
+
+
 def test_unknown_metric():
   with pytest.raises(ValueError, match="`metric` must be one of"):
     jaxsim.pairwise(np.ones((2, 2)), metric="manhattan")
@@ -217,7 +249,9 @@ def test_cosine_properties(x):
   s = np.asarray(jaxsim.cosine(x))
   assert np.all(np.abs(s) <= 1.0)
   np.testing.assert_allclose(s, s.T, atol=1e-6)
-  nonzero = np.any(x != 0, axis=1)  # not norm > 0: float32 norms of 1e-37 rows underflow
+  # Not norm > 0: float32 norms of 1e-37 rows underflow. XLA flushes subnormals to
+  # zero, so a row of only subnormal entries is a zero row.
+  nonzero = np.any(np.abs(x) >= np.finfo(np.float32).tiny, axis=1)
   np.testing.assert_array_equal(np.diag(s), nonzero.astype(np.float32))
   scaled = np.asarray(jaxsim.cosine(x * np.float32(7.5), x))
   np.testing.assert_allclose(scaled, s, atol=1e-5)

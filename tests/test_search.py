@@ -236,6 +236,8 @@ def test_temporaries_stay_far_below_the_score_matrix(call):
     (dict(k=2, query_block_size=-1), r"`query_block_size`"),
     (dict(k=2, metric="manhattan"), r"`metric` must be one of"),
     (dict(k=2, approx=True, recall_target=1.5), r"recall_target"),
+    # The requested blocks are clamped to the rows there are before the tile check.
+    (dict(k=51, block_size=10**6, query_block_size=4096), r"k=51 with n=50"),
 ])
 def test_topk_errors(kwargs, match):
   x = np.ones((50, 4), np.float32)
@@ -256,6 +258,49 @@ def test_topk_shape_and_type_errors():
     jaxsim.topk(np.ones((3, 4)), np.ones((5, 4), np.complex64), 1)
   with pytest.raises(TypeError, match=r"`mesh` must be a jax.sharding.Mesh"):
     jaxsim.topk(np.ones((3, 4)), np.ones((5, 4)), 1, mesh=jax.devices())
+  with pytest.raises(TypeError, match=r"`exclude_self` must be a bool"):
+    jaxsim.topk(np.ones((3, 4)), np.ones((3, 4)), 1, exclude_self="yes")
+
+
+@pytest.mark.parametrize("metric", ["sq_euclidean", "euclidean"])
+@pytest.mark.parametrize("block_size", [None, 1, 3])
+def test_topk_equidistant_integer_points_tie_by_index(metric, block_size):
+  # Four points at distance 3 from the query, three far away: the centring shift must
+  # keep integer distances exact, or the four would not tie.
+  corpus = np.array([[3, 0], [0, 3], [-3, 0], [0, -3], [10, 10], [11, 10], [12, 13]],
+                    np.float32)
+  scores, idx = jaxsim.topk(np.zeros((1, 2), np.float32), corpus, 4, metric=metric,
+                            block_size=block_size)
+  np.testing.assert_array_equal(idx, [[0, 1, 2, 3]])
+  np.testing.assert_array_equal(scores, np.full((1, 4), 9.0 if metric == "sq_euclidean" else 3.0))
+
+
+def test_topk_nan_corpus_row_spoils_only_itself():
+  queries, corpus = _data(21, (5, 4), (40, 4))
+  corpus[[3, 17]] = [[np.nan, 0, 0, 0], [np.inf, 1, 0, 0]]
+  finite = np.setdiff1d(np.arange(40), [3, 17])
+  for metric in ("euclidean", "cosine"):
+    scores, idx = jaxsim.topk(queries, corpus, 38, metric=metric, block_size=16)
+    want_s, want_i = _ref_topk(queries, corpus[finite], 38, metric)
+    np.testing.assert_array_equal(idx, finite[want_i])
+    np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_under_x64_matches_float64_brute_force():
+  with jax.enable_x64(True):
+    queries, corpus = _data(22, (9, 5), (70, 5), dtype=np.float64)
+    for metric in ("cosine", "sq_euclidean"):
+      scores, idx = jaxsim.topk(queries, corpus, 7, metric=metric, block_size=16)
+      want_s, want_i = _ref_topk(queries, corpus, 7, metric)
+      assert scores.dtype == jnp.float64
+      np.testing.assert_array_equal(idx, want_i)
+      np.testing.assert_allclose(scores, want_s, rtol=1e-12, atol=1e-12)
+    p = jaxsim.pairs_above(corpus, threshold=0.5, max_pairs=400, block_size=16)
+    s = reference.cosine(corpus, corpus)
+    rows, cols = np.nonzero(np.triu(s >= 0.5, 1))
+    assert p.scores.dtype == jnp.float64 and int(p.count) == rows.size
+    np.testing.assert_array_equal(p.rows[:rows.size], rows)
+    np.testing.assert_allclose(p.scores[:rows.size], s[rows, cols], rtol=1e-12)
 
 
 # --- pairs_above ----------------------------------------------------------------------------
@@ -364,3 +409,15 @@ def test_pairs_above_errors():
     jaxsim.pairs_above(np.ones((2, 5, 3)), threshold=0.5, max_pairs=3)
   with pytest.raises(TypeError):
     jaxsim.pairs_above(x, threshold=0.5)  # threshold and max_pairs are required
+  with pytest.raises(ValueError, match=r"`threshold` must be a scalar, got shape \(2,\)"):
+    jaxsim.pairs_above(x, threshold=np.array([0.5, 0.6]), max_pairs=3)
+
+
+@pytest.mark.parametrize("x_rows,y_rows", [(0, None), (1, None), (3, 0), (0, 4)])
+def test_pairs_above_without_pairs_is_empty(x_rows, y_rows):
+  x = np.ones((x_rows, 3), np.float32)
+  y = None if y_rows is None else np.ones((y_rows, 3), np.float32)
+  p = jaxsim.pairs_above(x, y, threshold=0.5, max_pairs=2)
+  assert int(p.count) == 0 and not bool(p.overflowed)
+  np.testing.assert_array_equal(p.rows, [-1, -1])
+  np.testing.assert_array_equal(p.cols, [-1, -1])

@@ -129,6 +129,7 @@ def test_count_dtype_exact_for_a_vocabulary(n, dtype):
     (dict(bins=0), r"`bins` must be a positive int"),
     (dict(block_size=0), r"`block_size`"),
     (dict(metric="cosines"), r"`metric` must be one of"),
+    (dict(range=(0.0, 1.0, 2.0)), r"`range` must be a pair"),
 ])
 def test_stats_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -142,3 +143,25 @@ def test_stats_error_without_pairs_and_bad_shapes():
     jaxsim.similarity_stats(np.ones((4, 3)), np.ones((4, 2)))
   with pytest.raises(ValueError, match=r"`x` must have rank 2"):
     jaxsim.similarity_stats(np.ones(3))
+
+
+def test_values_on_bin_edges_land_where_numpy_puts_them():
+  # Scores equal to every interior edge (dot with a one-hot row gives the value back).
+  edges = np.asarray(jaxsim.similarity_stats(np.ones((1, 1)), np.ones((1, 1)), metric="dot",
+                                             bins=100, range=(-1, 1)).bin_edges)
+  got = jaxsim.similarity_stats(edges[:, None], np.ones((1, 1), np.float32), metric="dot",
+                                bins=100, range=(-1, 1))
+  want, _ = np.histogram(edges, bins=edges)
+  np.testing.assert_array_equal(got.histogram, want)
+
+
+def test_float64_under_x64_matches_numpy():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((60, 4))
+    vals = reference.pair_values(reference.cosine(x, x), within=True)
+    got = jaxsim.similarity_stats(x, block_size=16, query_block_size=8)
+    assert got.mean.dtype == jnp.float64
+    np.testing.assert_allclose(got.mean, vals.mean(), rtol=1e-12)
+    np.testing.assert_allclose(got.std, vals.std(), rtol=1e-10)
+    np.testing.assert_array_equal(got.histogram, np.histogram(vals, 100, (-1, 1))[0])

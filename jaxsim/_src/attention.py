@@ -137,9 +137,7 @@ def _scale(kind, scale):
   if kind == "dot":
     raise ValueError("`scale` has no effect with kind='dot' (unscaled logits); use "
                      "kind='scaled_dot' for a custom scale.")
-  if np.ndim(scale) != 0:
-    raise ValueError(f"`scale` must be a scalar, got shape {np.shape(scale)}.")
-  return scale
+  return validation.check_scalar(scale, "scale")
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,9 +193,12 @@ def _logits(qp, kp, start, valid, *, rows=None, kind, scale, mask, bias, is_caus
     if kind == "cosine":
       s = s * jnp.asarray(scale, s.dtype)
   size, t = s.shape[-1], s.shape[-2]
+  keep = valid[None, None, None, None, :]
   if bias is not None:
     s = s + _window(bias, rows, start, size).astype(s.dtype)
-  keep = valid[None, None, None, None, :]
+    # A -inf bias is a mask written additively: treat it as one, so that a row it
+    # hides entirely gives zeros in the dense form, as in the blocked form.
+    keep = keep & (s != -jnp.inf)
   if mask is not None:
     keep = keep & _window(mask, rows, start, size)
   if is_causal:
@@ -318,8 +319,7 @@ def _attention(query, key, value, mask, bias, scale, *, kind, is_causal, block_s
 
 def _setup(query, key, value, kind, scale, mask, bias, is_causal):
   check_kind(kind)
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f"`is_causal` must be a bool, got {is_causal!r}.")
+  validation.check_bool(is_causal, "is_causal")
   query, key, value, batched = _inputs(query, key, value)
   if not batched:
     query, key = query[None], key[None]
@@ -351,7 +351,7 @@ _SHARED_ARGS = """\
       unbatched inputs); True = attend.
     is_causal: if True, query `i` attends only to keys `j <= i`.
     bias: optional array broadcastable to `(B, N, T, S)`, added to the logits before
-      masking.
+      masking; entries of -inf mask their logits as `mask=False` does.
     precision: `jax.lax.Precision` for the matmuls."""
 
 
@@ -510,6 +510,8 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
                      "form); the dense form takes no block sizes.")
   query, key, value, mask, bias, scale, batched = _setup(query, key, value, kind, scale, mask,
                                                          bias, is_causal)
+  if key.shape[1] == 0:
+    block_size = query_block_size = None  # No keys: nothing to stream; zeros either way.
   out = _attention(query, key, value, mask, bias, scale, kind=kind, is_causal=bool(is_causal),
                    block_size=block_size, query_block_size=query_block_size or block_size,
                    precision=precision)

@@ -111,8 +111,20 @@ def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
 
 
 def centre(y: jax.Array) -> jax.Array:
-  """The `shift` that `prepare` uses for the Euclidean metrics: the mean row."""
-  return jnp.mean(y.astype(accum_dtype(y.dtype)), axis=-2, keepdims=True)
+  """The `shift` that `prepare` uses for the Euclidean metrics: about the mean row.
+
+  Rows with an infinite or NaN entry are left out of the mean, so that one bad row
+  spoils only its own distances. Each entry of the mean is rounded to 8 significant
+  bits: close enough to the mean to avoid the cancellation, and coarse enough that
+  rows of small integers (or other short binary fractions) stay exact after the
+  shift, so their distances are exact and equal distances really tie.
+  """
+  yf = y.astype(accum_dtype(y.dtype))
+  finite = jnp.all(jnp.isfinite(yf), axis=-1, keepdims=True)
+  total = jnp.sum(jnp.where(finite, yf, 0.0), axis=-2, keepdims=True)
+  mean = total / jnp.maximum(jnp.sum(finite, axis=-2, keepdims=True), 1).astype(yf.dtype)
+  mantissa, exponent = jnp.frexp(mean)
+  return jnp.ldexp(jnp.round(mantissa * 256.0), exponent - 8)
 
 
 def matmul_t(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
@@ -215,6 +227,9 @@ def pairwise(x: ArrayLike, y: ArrayLike | None = None, *, metric: Metric = "cosi
   """
   check_metric(metric)
   x, y = validation.pair(x, y)
+  validation.check_scalar(eps, "eps")
+  if scale is not None:
+    validation.check_scalar(scale, "scale")
   if all(v is None or isinstance(v, (int, float)) for v in (eps, scale)):
     return _pairwise_static(x, y, eps=eps, scale=scale, metric=metric, precision=precision)
   return _pairwise_traced(x, y, eps, scale, metric=metric, precision=precision)
@@ -255,7 +270,8 @@ def cosine(x: ArrayLike, y: ArrayLike | None = None, *, eps: float = 0.0,
   `<= eps`) has cosine 0 against everything, with a zero gradient, never NaN. For
   `y=None` the diagonal is exactly 1 for nonzero rows. Normalisation divides by the
   row's largest entry first, so fp16 rows of large magnitude and float32 rows of
-  magnitude 1e-30 are both exact.
+  magnitude 1e-30 are both exact. XLA flushes subnormal numbers to zero, so a row
+  whose entries are all subnormal counts as a zero row.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.

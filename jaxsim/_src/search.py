@@ -31,9 +31,9 @@ from jaxsim._src import blockscan, kernels, sharding, stats, validation
 # top-k element lies in one of those groups) and makes the costly per-row selection
 # work on 1/GROUP of the tile.
 GROUP = 32
-# Stands in for scores of -inf or NaN so that they still rank below every real score
-# but above padding and excluded entries (-inf): padding can then never be returned.
-_LOWEST = float(jnp.finfo(jnp.float32).min)
+# Scores of -inf or NaN become the lowest finite value of the accumulation dtype, so
+# that they still rank below every real score but above padding and excluded entries
+# (-inf): padding can then never be returned.
 # Scores per top-k tile when no query block size is given: 8 MiB of float32, the
 # fastest tried on a 2-core CPU (experiments/search_bench.py); temporaries stay near
 # two tiles.
@@ -42,9 +42,10 @@ _INT32_MAX = 2**31 - 1
 
 
 def _keys(s: jax.Array, metric: str, keep: jax.Array) -> jax.Array:
-  """Ranking keys of a float32 score tile: larger is better, masked entries -inf."""
+  """Ranking keys of a score tile: larger is better, masked entries -inf."""
   key = -s if metric in kernels.DISTANCES else s
-  key = jnp.where(key >= _LOWEST, key, _LOWEST)  # -inf and NaN rank last
+  lowest = jnp.finfo(key.dtype).min
+  key = jnp.where(key >= lowest, key, lowest)  # -inf and NaN rank last
   return jnp.where(keep, key, -jnp.inf)
 
 
@@ -86,9 +87,9 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
   r"""The `k` best corpus rows for every query, without the `q x n` score matrix.
 
   Exact by default: equal to sorting each row of `jaxsim.pairwise(queries, corpus)`
-  (stably, best first), so equal scores go to the lower corpus index. Which indices
-  come back does not depend on the block sizes or the number of devices; padding
-  never appears. The scores are the matmul's float32 results, which for differently
+  (stably, best first), so equal scores go to the lower corpus index, whatever the
+  block sizes and the number of devices; padding never appears. The scores are the
+  matmul's results in float32 (float64 for float64 inputs), which for differently
   shaped tiles can differ in the last bit, so scores equal only up to rounding may
   order either way, as they may between any two BLAS libraries.
 
@@ -129,7 +130,8 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     (similarities, or distances for the Euclidean metrics) in the inputs' floating
     dtype, computed as `jaxsim.pairwise` does; `indices` int32 corpus rows. A score of
     -inf or NaN (from infinite or NaN inputs) ranks last and is reported as the lowest
-    finite float32 (its negation for distances).
+    finite value of the accumulation dtype (its negation for distances), which is
+    -inf (+inf) once cast back to float16 or bfloat16.
 
   Raises:
     ValueError: for inputs that are not 2-D, mismatched feature dims, an unknown
@@ -148,6 +150,8 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
   k = validation.check_positive_int(k, "k")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
+  exclude_self = validation.check_bool(exclude_self, "exclude_self")
+  approx = validation.check_bool(approx, "approx")
   q, n = queries.shape[0], corpus.shape[0]
   if exclude_self and q != n:
     raise ValueError("`exclude_self=True` needs the queries to be the corpus rows, got "
@@ -182,7 +186,8 @@ def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_s
             jnp.arange(q_pad, dtype=jnp.int32))
 
   def local(shard, offset, padded, shift):
-    init = (jnp.full((q_pad, k), -jnp.inf, jnp.float32), jnp.full((q_pad, k), -1, jnp.int32))
+    init = (jnp.full((q_pad, k), -jnp.inf, kernels.accum_dtype(queries.dtype)),
+            jnp.full((q_pad, k), -1, jnp.int32))
 
     def step(carry, block, start, valid):
       bp = kernels.prepare(block, metric, shift=shift if euclid else None)
@@ -338,12 +343,16 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   """
   kernels.check_metric(metric)
   x, y = validation.matrices(x, y)
+  threshold = validation.check_scalar(threshold, "threshold")
   max_pairs = validation.check_positive_int(max_pairs, "max_pairs")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
   n = x.shape[0]
   bound = n * (n - 1) // 2 if y is None else n * y.shape[0]
-  found = _pairs(x, y, jnp.float32(threshold), metric=metric, max_pairs=max_pairs,
+  if bound == 0:
+    none = jnp.full((max_pairs,), -1, jnp.int32)
+    return Pairs(none, none, jnp.zeros((max_pairs,), x.dtype), jnp.int32(0), jnp.bool_(False))
+  found = _pairs(x, y, jnp.asarray(threshold, kernels.accum_dtype(x.dtype)), metric=metric, max_pairs=max_pairs,
                  block_size=block_size, query_block_size=query_block_size, mesh=mesh,
                  precision=precision, bound=bound)
   if not isinstance(found.overflowed, jax.core.Tracer) and bool(found.overflowed):
@@ -373,7 +382,8 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
     cp = kernels.prepare(shard, metric, shift=shift if euclid else None)
     init = _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
                   jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
-                  jnp.zeros((max_pairs,), jnp.float32), jnp.int32(0), jnp.int32(-1),
+                  jnp.zeros((max_pairs,), kernels.accum_dtype(x.dtype)), jnp.int32(0),
+                  jnp.int32(-1),
                   stats.wide_zeros())
 
     def row_step(found, qblock, qstart, qvalid):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxsim._src import blockscan, kernels, sharding, validation
@@ -99,10 +100,10 @@ class _Moments(NamedTuple):
   hist: WideCount  # (bins,)
 
 
-def _empty(bins: int) -> _Moments:
-  z = jnp.float32(0)
-  return _Moments(wide_zeros(), z, z, z, z, jnp.float32(jnp.inf), jnp.float32(-jnp.inf),
-                  wide_zeros(), wide_zeros((bins,)))
+def _empty(bins: int, dtype) -> _Moments:
+  z = jnp.zeros((), dtype)
+  return _Moments(wide_zeros(), z, z, z, z, z + jnp.inf, z - jnp.inf, wide_zeros(),
+                  wide_zeros((bins,)))
 
 
 def _combine(a: _Moments, b: _Moments) -> _Moments:
@@ -122,18 +123,25 @@ def _combine(a: _Moments, b: _Moments) -> _Moments:
       wide_sum(a.nonneg, b.nonneg), wide_sum(a.hist, b.hist))
 
 
-def _tile_moments(s: jax.Array, mask: jax.Array, lo: float, hi: float, bins: int) -> _Moments:
-  """The summary of the scores `s` where `mask` holds (one tile, a few MiB)."""
+def _tile_moments(s: jax.Array, mask: jax.Array, edges: jax.Array) -> _Moments:
+  """The summary of the scores `s` where `mask` holds (one tile, a few MiB), with a
+  histogram over the `(bins + 1,)` `edges`."""
+  bins = edges.shape[0] - 1
+  lo, hi = edges[0], edges[-1]
   n = jnp.sum(mask, dtype=jnp.int32)
   total = jnp.sum(jnp.where(mask, s, 0.0))
-  mean = total / jnp.maximum(n, 1).astype(jnp.float32)
+  mean = total / jnp.maximum(n, 1).astype(s.dtype)
   dev = jnp.where(mask, s - mean, 0.0)
   inside = mask & (s >= lo) & (s <= hi)
-  # Values equal to `hi` go to the last bin, as in numpy.histogram.
   idx = jnp.clip(jnp.floor((s - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
+  # The arithmetic guess can be one bin off next to an edge; correct it against the
+  # edges themselves, as numpy.histogram does, so a value equal to an edge lands in
+  # the bin that edge opens (and `hi` in the last bin).
+  idx = idx - (s < edges[idx]).astype(jnp.int32)
+  idx = idx + ((s >= edges[idx + 1]) & (idx < bins - 1)).astype(jnp.int32)
   bucket = jnp.where(inside, idx, bins)
   hist = jnp.zeros(bins + 1, jnp.int32).at[bucket.ravel()].add(1, mode="promise_in_bounds")
-  z = jnp.float32(0)
+  z = jnp.zeros((), s.dtype)
   return _Moments(
       wide_add(wide_zeros(), n), total, z, jnp.sum(dev * dev), z,
       jnp.min(jnp.where(mask, s, jnp.inf)), jnp.max(jnp.where(mask, s, -jnp.inf)),
@@ -147,14 +155,15 @@ class SimilarityStats(NamedTuple):
   Attributes:
     count: number of pairs (exact; int32, or int64 / float32 for more than 2**31 - 1
       possible pairs, see the module notes).
-    mean: mean score, float32.
-    std: population standard deviation (ddof=0), float32.
-    min: smallest score, float32.
-    max: largest score, float32.
-    share_nonnegative: fraction of pairs with score `>= 0`, float32.
+    mean: mean score, in the accumulation dtype (float32, or float64 for float64
+      inputs), as are the other real-valued fields.
+    std: population standard deviation (ddof=0).
+    min: smallest score.
+    max: largest score.
+    share_nonnegative: fraction of pairs with score `>= 0`.
     histogram: `(bins,)` exact counts per bin, same dtype as `count`. Scores outside
       `range` are not counted, as in `numpy.histogram`.
-    bin_edges: `(bins + 1,)` float32 edges; the last bin includes its right edge.
+    bin_edges: `(bins + 1,)` edges; the last bin includes its right edge.
   """
 
   count: jax.Array
@@ -206,8 +215,8 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
-    A `SimilarityStats`. Scores are computed in float32 (the accumulation dtype) from
-    the inputs' dtype. The mean uses compensated summation of per-tile sums and the
+    A `SimilarityStats`. Scores are computed in the accumulation dtype (float32, or
+    float64 for float64 inputs) from the inputs' dtype. The mean uses compensated summation of per-tile sums and the
     standard deviation Chan et al.'s pairwise update, so both stay accurate over
     1e9+ pairs.
 
@@ -231,10 +240,13 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
   bins = validation.check_positive_int(bins, "bins")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
+  exclude_diagonal = validation.check_bool(exclude_diagonal, "exclude_diagonal")
   if range is None:
     if metric != "cosine":
       raise ValueError(f"`range` is required for metric {metric!r}: pass range=(lo, hi).")
     range = (-1.0, 1.0)
+  if np.shape(range) != (2,):
+    raise ValueError(f"`range` must be a pair (lo, hi), got {range!r}.")
   lo, hi = (float(v) for v in range)
   if not hi > lo:
     raise ValueError(f"`range` must satisfy lo < hi, got {range!r}.")
@@ -273,6 +285,8 @@ def tile_sizes(q: int, n: int, block_size: int | None, query_block_size: int | N
     block_size = _even_blocks(n, 4096, multiple)
   if query_block_size is None:
     query_block_size = _even_blocks(q, max(8, tile // block_size), 8)
+  # Blocks never need to exceed the rows there are (the tile check below included).
+  block_size = min(block_size, max(n, 1))
   query_block_size = min(query_block_size, max(q, 1))
   if query_block_size * block_size > 1 << 30:
     # Per-tile counts are int32; a tile this size would be 4 GiB of scores anyway.
@@ -294,8 +308,13 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
   q_pad = -(-n // qb) * qb
   queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
              jnp.arange(q_pad, dtype=jnp.int32))
+  acc_dtype = kernels.accum_dtype(x.dtype)
+  # A constant, made where it is used so that no device closes over another's array.
+  make_edges = lambda: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)  # noqa: E731
 
   def local(shard, offset, queries, shift):
+    edges = make_edges()
+
     def corpus_step(acc, block, start, valid):
       bp = kernels.prepare(block, metric,
                            shift=shift if metric in kernels.DISTANCES else None)
@@ -310,18 +329,18 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
 
         def tile(_):
           s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
-          return _tile_moments(s, ok, lo, hi, bins)
+          return _tile_moments(s, ok, edges)
 
         if diagonal is None:
           return _combine(acc, tile(None))
         # Tiles wholly below the diagonal hold no pair: skip their matmul.
         last_col = offset + start + block.shape[0] - 1
         upper = (ids[0] <= last_col) if diagonal else (ids[0] < last_col)
-        return _combine(acc, jax.lax.cond(upper, tile, lambda _: _empty(bins), None))
+        return _combine(acc, jax.lax.cond(upper, tile, lambda _: _empty(bins, acc_dtype), None))
 
       return blockscan.block_scan(query_step, acc, queries, block_size=qb)
 
-    return blockscan.block_scan(corpus_step, _empty(bins), shard, block_size=nb, pad_tail=False)
+    return blockscan.block_scan(corpus_step, _empty(bins, acc_dtype), shard, block_size=nb, pad_tail=False)
 
   parts = sharding.map_shards(local, corpus, queries, shift, mesh=mesh)
   total = jax.tree.map(lambda leaf: leaf[0], parts)
@@ -334,4 +353,4 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
       count=wide_result(total.count, bound), mean=mean, std=jnp.sqrt(var), min=total.min,
       max=total.max, share_nonnegative=wide_float(total.nonneg) / count,
       histogram=wide_result(total.hist, bound),
-      bin_edges=jnp.linspace(lo, hi, bins + 1, dtype=jnp.float32))
+      bin_edges=make_edges())

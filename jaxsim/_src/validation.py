@@ -30,6 +30,9 @@ def as_float_array(value: ArrayLike, name: str) -> jax.Array | np.ndarray:
       value = np.asarray(value)
     except (TypeError, ValueError) as err:
       raise TypeError(f"`{name}` must be array-like, got {type(value).__name__}: {err}") from None
+    if value.dtype.kind == "f":
+      # Python floats are float64 to numpy; JAX reads them as its default float.
+      value = value.astype(jax.dtypes.canonicalize_dtype(value.dtype))
     dtype = value.dtype
   if dtype.kind == "f":
     return value
@@ -107,3 +110,21 @@ def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | N
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
   return int(value)
+
+
+def check_bool(value, name: str) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+  return bool(value)
+
+
+def check_scalar(value, name: str):
+  """A real scalar option (a Python number or a 0-d array, traced or not)."""
+  if value is None:
+    raise TypeError(f"`{name}` must be a real number, got None.")
+  if np.ndim(value) != 0:
+    raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(value)}.")
+  dtype = value.dtype if hasattr(value, "dtype") else np.result_type(value)
+  if dtype.kind not in "iuf" and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+  return value
