@@ -120,6 +120,8 @@ def check_bool(value, name: str) -> bool:
 
 def check_scalar(value, name: str):
   """A real scalar option (a Python number or a 0-d array, traced or not)."""
+  if type(value) in (int, float):  # The common case, checked first: eager calls add up.
+    return value
   if value is None:
     raise TypeError(f"`{name}` must be a real number, got None.")
   if np.ndim(value) != 0:
