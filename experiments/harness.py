@@ -149,6 +149,7 @@ def environment() -> dict[str, Any]:
       "platform": platform.platform(),
       "machine": platform.machine(),
       "processor": _cpu_model(),
+      "cpu_flags": _cpu_flags(),
       "cpu_count": os.cpu_count(),
       "backend": jax.default_backend(),
       "device_kind": devices[0].device_kind,
@@ -179,15 +180,29 @@ def set_cpu_dispatch(asynchronous: bool) -> None:
   jax.config.update("jax_cpu_enable_async_dispatch", asynchronous)
 
 
-def _cpu_model() -> str:
+# Vector units decide which matmul kernels each library gets, and so the ratios between
+# them: two hosts that both report "Intel Xeon" can differ here.
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def _cpuinfo(key: str) -> str | None:
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
+        if line.startswith(key):
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return platform.processor()
+  return None
+
+
+def _cpu_model() -> str:
+  return _cpuinfo("model name") or platform.processor()
+
+
+def _cpu_flags() -> list[str] | None:
+  flags = _cpuinfo("flags")
+  return None if flags is None else [f for f in _CPU_FLAGS if f in flags.split()]
 
 
 def write_json(out_dir: str | os.PathLike, name: str, results: Any) -> Path:
