@@ -156,6 +156,7 @@ def environment() -> dict[str, Any]:
       "device_count": len(devices),
       "versions": {p: v for p in packages if (v := _version(p))},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "thread_env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
       "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
   }
   try:
@@ -183,6 +184,9 @@ def set_cpu_dispatch(asynchronous: bool) -> None:
 # Vector units decide which matmul kernels each library gets, and so the ratios between
 # them: two hosts that both report "Intel Xeon" can differ here.
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+# Settings that change how the libraries' worker threads behave (experiments/__init__.py).
+_THREAD_ENV = ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+               "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
 
 
 def _cpuinfo(key: str) -> str | None:
