@@ -350,7 +350,8 @@ def rate_head_to_head(ns: list[int], *, d: int, repeats: int, seed: int) -> list
     fns = all_pairs_candidates(x, cpu_baselines=False)
     t = harness.compare(fns, repeats=repeats, min_sample_s=0.1, warmup=2)
     ratio = t[RAW].median / t[JAXSIM].median
-    points.append({"n": n, "d": d, "ratio": ratio, "jaxsim_s": t[JAXSIM].median, "raw_s": t[RAW].median,
+    points.append({"n": n, "d": d, "ratio": ratio, "jaxsim_s": t[JAXSIM].median,
+                   "raw_s": t[RAW].median,
                    # Best sample of each: least exposed to other load; reported, not judged.
                    "ratio_of_best": t[RAW]["min"] / t[JAXSIM]["min"]})
   return points

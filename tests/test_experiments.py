@@ -50,8 +50,8 @@ def test_seed_table_candidates_agree_with_float64_reference(n):
 
 def test_seed_table_check_catches_a_wrong_candidate():
   data = np.random.default_rng(0).random((6, 3), dtype=np.float32)
-  good = lambda: reference.cosine(data, data)  # noqa: E731
-  wrong = lambda: reference.cosine(data, data) + 1e-4  # noqa: E731
+  good = lambda: reference.cosine(data, data)
+  wrong = lambda: reference.cosine(data, data) + 1e-4
   res = seed_table.check({"good": good, "wrong": wrong}, reference.cosine(data, data))
   assert not res["passed"]
   assert res["reference"] == {"good": True, "wrong": False}

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.spatial.distance as ssd
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from absl.testing import parameterized
 from sklearn.metrics.pairwise import cosine_similarity, euclidean_distances
 
 import jaxsim

@@ -352,9 +352,9 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   if bound == 0:
     none = jnp.full((max_pairs,), -1, jnp.int32)
     return Pairs(none, none, jnp.zeros((max_pairs,), x.dtype), jnp.int32(0), jnp.bool_(False))
-  found = _pairs(x, y, jnp.asarray(threshold, kernels.accum_dtype(x.dtype)), metric=metric, max_pairs=max_pairs,
-                 block_size=block_size, query_block_size=query_block_size, mesh=mesh,
-                 precision=precision, bound=bound)
+  found = _pairs(x, y, jnp.asarray(threshold, kernels.accum_dtype(x.dtype)), metric=metric,
+                 max_pairs=max_pairs, block_size=block_size, query_block_size=query_block_size,
+                 mesh=mesh, precision=precision, bound=bound)
   if not isinstance(found.overflowed, jax.core.Tracer) and bool(found.overflowed):
     warnings.warn(f"pairs_above: {found.count} pairs qualify but max_pairs={max_pairs}; only "
                   "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=2)
@@ -383,8 +383,7 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
     init = _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
                   jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
                   jnp.zeros((max_pairs,), kernels.accum_dtype(x.dtype)), jnp.int32(0),
-                  jnp.int32(-1),
-                  stats.wide_zeros())
+                  jnp.int32(-1), stats.wide_zeros())
 
     def row_step(found, qblock, qstart, qvalid):
       rows, aux, ids = qblock

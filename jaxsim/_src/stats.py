@@ -216,9 +216,9 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
 
   Returns:
     A `SimilarityStats`. Scores are computed in the accumulation dtype (float32, or
-    float64 for float64 inputs) from the inputs' dtype. The mean uses compensated summation of per-tile sums and the
-    standard deviation Chan et al.'s pairwise update, so both stay accurate over
-    1e9+ pairs.
+    float64 for float64 inputs) from the inputs' dtype. The mean uses compensated
+    summation of per-tile sums and the standard deviation Chan et al.'s pairwise
+    update, so both stay accurate over 1e9+ pairs.
 
   Raises:
     ValueError: for bad shapes, an unknown metric, `bins < 1`, a missing or empty
@@ -309,8 +309,8 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
   queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
              jnp.arange(q_pad, dtype=jnp.int32))
   acc_dtype = kernels.accum_dtype(x.dtype)
-  # A constant, made where it is used so that no device closes over another's array.
-  make_edges = lambda: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)  # noqa: E731
+  # Built where it is used (a constant inside shard_map), not captured from outside.
+  make_edges = lambda: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)
 
   def local(shard, offset, queries, shift):
     edges = make_edges()
@@ -336,11 +336,13 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
         # Tiles wholly below the diagonal hold no pair: skip their matmul.
         last_col = offset + start + block.shape[0] - 1
         upper = (ids[0] <= last_col) if diagonal else (ids[0] < last_col)
-        return _combine(acc, jax.lax.cond(upper, tile, lambda _: _empty(bins, acc_dtype), None))
+        skip = lambda _: _empty(bins, acc_dtype)
+        return _combine(acc, jax.lax.cond(upper, tile, skip, None))
 
       return blockscan.block_scan(query_step, acc, queries, block_size=qb)
 
-    return blockscan.block_scan(corpus_step, _empty(bins, acc_dtype), shard, block_size=nb, pad_tail=False)
+    return blockscan.block_scan(corpus_step, _empty(bins, acc_dtype), shard, block_size=nb,
+                                pad_tail=False)
 
   parts = sharding.map_shards(local, corpus, queries, shift, mesh=mesh)
   total = jax.tree.map(lambda leaf: leaf[0], parts)
