@@ -174,25 +174,56 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     "mesh", "precision"))
 def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_self, approx,
           recall_target, mesh, precision):
-  q, n = queries.shape[0], corpus.shape[0]
   euclid = metric in kernels.DISTANCES
   shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1))
-  qb, nb = stats.tile_sizes(q, sharding.shard_rows(n, mesh), block_size, query_block_size,
-                            multiple=GROUP, tile=TOPK_TILE_SCORES)
   qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
+  prepare_block = lambda block, shift: kernels.prepare(
+      block, metric, shift=shift if euclid else None)
+  scores, ids = topk_prepared(qp, corpus, shift, prepare_block, corpus.shape[0], k=k,
+                              metric=metric, block_size=block_size,
+                              query_block_size=query_block_size, exclude_self=exclude_self,
+                              approx=approx, recall_target=recall_target, mesh=mesh,
+                              precision=precision)
+  return scores.astype(queries.dtype), ids
+
+
+def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block, n, *, k: int,
+                  metric: str, block_size: int | None, query_block_size: int | None,
+                  exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,
+                  mesh=None, precision=None) -> tuple[jax.Array, jax.Array]:
+  """The streamed top-k behind `topk` and `Index.search`; call it inside `jit`.
+
+  Args:
+    qp: prepared `(q, d)` queries.
+    corpus: pytree of arrays whose leaves share the row axis 0 (`N` rows, of which the
+      first `n` are real): raw rows, or rows already prepared (a `kernels.Prepared`).
+    shift: array passed (replicated) to `prepare_block` on every device.
+    prepare_block: `prepare_block(block, shift) -> kernels.Prepared` for a block of
+      `corpus`; the identity on the rows for an already prepared corpus.
+    n: the number of real corpus rows, a Python int or a traced int32 scalar; rows
+      from `n` on are never returned.
+
+  Returns:
+    `(scores, ids)`, `(q, k)`, in the accumulation dtype, best first.
+  """
+  euclid = metric in kernels.DISTANCES
+  q = qp.rows.shape[0]
+  rows_total = jax.tree.leaves(corpus)[0].shape[0]
+  qb, nb = stats.tile_sizes(q, sharding.shard_rows(rows_total, mesh), block_size,
+                            query_block_size, multiple=GROUP, tile=TOPK_TILE_SCORES)
   # Padding the queries once to whole blocks makes `block_map`'s blocking a reshape.
   q_pad = -(-q // qb) * qb
   padded = (jnp.pad(qp.rows, ((0, q_pad - q), (0, 0))), jnp.pad(qp.aux, (0, q_pad - q)),
             jnp.arange(q_pad, dtype=jnp.int32))
+  acc = qp.aux.dtype
 
-  def local(shard, offset, padded, shift):
-    init = (jnp.full((q_pad, k), -jnp.inf, kernels.accum_dtype(queries.dtype)),
-            jnp.full((q_pad, k), -1, jnp.int32))
+  def local(shard, offset, padded, shift, n):
+    init = (jnp.full((q_pad, k), -jnp.inf, acc), jnp.full((q_pad, k), -1, jnp.int32))
 
     def step(carry, block, start, valid):
-      bp = kernels.prepare(block, metric, shift=shift if euclid else None)
+      bp = prepare_block(block, shift)
       first = offset + start
-      cols = first + jnp.arange(block.shape[0], dtype=jnp.int32)
+      cols = first + jnp.arange(bp.rows.shape[0], dtype=jnp.int32)
       col_ok = valid & (cols < n)
 
       def tile(args):
@@ -208,7 +239,8 @@ def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_s
 
     return blockscan.block_scan(step, init, shard, block_size=nb, pad_tail=False)
 
-  best, best_ids = sharding.map_shards(local, corpus, padded, shift, mesh=mesh)
+  best, best_ids = sharding.map_shards(local, corpus, padded, shift, jnp.asarray(n, jnp.int32),
+                                       mesh=mesh)
   if best.shape[0] > 1:
     # Shards in device order hold increasing ids, so position ties are id ties.
     best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
@@ -218,8 +250,7 @@ def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_s
   else:
     best, best_ids = best[0], best_ids[0]
   best, best_ids = best[:q], best_ids[:q]
-  scores = -best if euclid else best
-  return scores.astype(queries.dtype), best_ids
+  return (-best if euclid else best), best_ids
 
 
 class Pairs(NamedTuple):
