@@ -1,23 +1,37 @@
-# The two commands of the README. Each sets up everything it needs (a virtual
-# environment in .venv with jaxsim and its extras), then runs its job.
+# The commands of the README. Each sets up what it needs (a virtual environment in
+# .venv with jaxsim and its extras), then runs its job.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= results
+DOCS ?= build/docs
+# Pins for this machine and CI only (the CPU build of torch); users' installs are
+# not constrained by it.
+CONSTRAINTS := constraints/ci.txt
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PDOC := -m pdoc --docformat google --math
 
-.PHONY: demo test clean
+.PHONY: demo test docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,notebooks]"
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test,notebooks]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## set up, then the quick scaling experiment: a table and plots in $(OUT)/
 	$(BIN)/python -m experiments.scaling --quick --out $(OUT)
 
-test: $(STAMP)  ## set up, then the whole test suite (notebooks included)
+# The suite (notebooks and the API reference build included), then every docstring
+# example. Two runs: the suite's conftest sets the CPU device count before jax starts.
+test: $(STAMP)  ## set up, then the whole test suite, the doctests and the docs build
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules jaxsim
+
+docs: $(STAMP)  ## set up, then the API reference as HTML in $(DOCS)/ (warnings are errors)
+	rm -rf $(DOCS)
+	$(BIN)/python -W error $(PDOC) -o $(DOCS) jaxsim
+	@echo "API reference: $(DOCS)/index.html"
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) $(DOCS) dist .pytest_cache
