@@ -16,17 +16,21 @@ PDOC := -m pdoc --docformat google --math
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# A .venv made before the rename holds the same import package as `jaxsim`.
+	$(PIP) uninstall --quiet --yes jaxsim 2>/dev/null || true
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test,notebooks]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## set up, then the quick scaling experiment: a table and plots in $(OUT)/
 	$(BIN)/python -m experiments.scaling --quick --out $(OUT)
 
-# The suite (notebooks and the API reference build included), then every docstring
-# example. Two runs: the suite's conftest sets the CPU device count before jax starts.
-test: $(STAMP)  ## set up, then the whole test suite, the doctests and the docs build
+# The API reference (warnings are errors), the suite (notebooks included), then every
+# docstring example under the suite's strict promotion rules. Two pytest runs: the
+# suite's conftest must set the CPU device count before jax starts.
+test: $(STAMP) docs  ## set up, then the docs build, the whole test suite and the doctests
 	$(BIN)/python -m pytest -q
-	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules jaxsim
+	JAX_NUMPY_DTYPE_PROMOTION=strict JAX_NUMPY_RANK_PROMOTION=raise \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules jaxsim
 
 docs: $(STAMP)  ## set up, then the API reference as HTML in $(DOCS)/ (warnings are errors)
 	rm -rf $(DOCS)
