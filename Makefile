@@ -14,9 +14,10 @@ PDOC := -m pdoc --docformat google --math
 
 .PHONY: demo test docs clean
 
+# The uninstall: a .venv made before the rename to jax-similarity holds the same
+# import package under the distribution name `jaxsim`.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# A .venv made before the rename holds the same import package as `jaxsim`.
 	$(PIP) uninstall --quiet --yes jaxsim 2>/dev/null || true
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test,notebooks]"
 	touch $(STAMP)
