@@ -58,6 +58,14 @@ def test_stored_clean(path):
   assert f'JAXSIM_SOURCE = "git+{REPOSITORY}"' in setup
 
 
+def test_readme_badges_open_these_notebooks():
+  readme = (ROOT / "README.md").read_text()
+  owner_repo = REPOSITORY.removeprefix("https://github.com/")
+  badges = set(re.findall(r"colab\.research\.google\.com/github/([^)\s]+)", readme))
+  assert badges == {f"{owner_repo}/blob/main/notebooks/{path.name}" for path in NOTEBOOKS}
+  assert f"git+{REPOSITORY}" in readme  # the README's install line names the same repository
+
+
 def test_setup_cells_are_one():
   setups = {path.stem: _setup_cell(path) for path in NOTEBOOKS}
   assert len(set(setups.values())) == 1, "the notebooks' set-up cells differ"
