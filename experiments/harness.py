@@ -952,7 +952,7 @@ def plot_benchmark(bench: Benchmark, section: Mapping[str, Any], out: Path,
     others = [k for k in rows[0] if k not in _ROW_FIELDS and k != x]
     groups = sorted({_point_of(r, others) for r in rows}, key=str)
     for name in names:
-      for g in groups:
+      for gi, g in enumerate(groups):
         pts = sorted((r for r in rows if r["candidate"] == name and _point_of(r, others) == g),
                      key=lambda r: r[x])
         if not pts:
@@ -962,13 +962,14 @@ def plot_benchmark(bench: Benchmark, section: Mapping[str, Any], out: Path,
         xs = [r[x] for r in pts]
         med = np.array([r["median_s"] for r in pts])
         err = [med - [r["q1_s"] for r in pts], [r["q3_s"] for r in pts] - med]
-        axes["time"].errorbar(xs, med, yerr=err, capsize=2, label=label, **styles[name])
+        style = dict(styles[name], **({"ls": ("-", "--", ":", "-.")[gi % 4]} if gi else {}))
+        axes["time"].errorbar(xs, med, yerr=err, capsize=2, label=label, **style)
         if "rate" in axes:
-          axes["rate"].plot(xs, [r["rate"] for r in pts], label=label, **styles[name])
+          axes["rate"].plot(xs, [r["rate"] for r in pts], label=label, **style)
         mem = [r for r in pts if r.get("peak_bytes")]
         if "memory" in axes and mem:
           axes["memory"].plot([r[x] for r in mem], [r["peak_bytes"] / 2**20 for r in mem],
-                              label=label, **styles[name])
+                              label=label, **style)
     axes["time"].set(ylabel="seconds per call (median, IQR bars)", yscale="log")
     if "rate" in axes:
       axes["rate"].set(ylabel=section["rate_unit"])
@@ -978,9 +979,11 @@ def plot_benchmark(bench: Benchmark, section: Mapping[str, Any], out: Path,
       ax.set_xscale("log", base=2)
       ax.set_xlabel(x)
       ax.grid(True, which="both", alpha=0.3)
-    axes["time"].legend(fontsize=7)
+    handles, labels = axes["time"].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=7,
+               bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(section["title"], fontsize=10)
-  fig.text(0.5, -0.02, machine_line(env), ha="center", fontsize=8)
+  fig.text(0.99, 0.99, machine_line(env), ha="right", va="top", fontsize=7)
   return save_figure(fig, out, bench.name + suffix)
 
 
