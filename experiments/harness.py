@@ -117,6 +117,7 @@ __all__ = [
     "environment",
     "format_table",
     "main",
+    "progress",
     "run",
     "save_figure",
     "set_cpu_dispatch",
@@ -684,6 +685,13 @@ def fmt_bytes(b: int | None) -> str:
 # --------------------------------------------------------------------------- the loop
 
 
+def progress(items: Iterable, desc: str) -> Iterable:
+  """Yields `items` with a progress bar and ETA on a terminal (tqdm)."""
+  from tqdm.auto import tqdm
+
+  return tqdm(list(items), desc=desc, disable=None, leave=False, file=sys.stderr)
+
+
 def _progress_bar(total: int, desc: str):
   from tqdm.auto import tqdm
 
@@ -865,8 +873,10 @@ def describe_target(t: Mapping[str, Any]) -> str:
   if not t["points"]:
     return f"{what}: not measured in this run (goal {goal})"
   parts = []
+  shown = [k for k in t["points"][0] if k not in ("value", "met", "noisy")
+           and len({p[k] for p in t["points"]}) > 1]
   for p in t["points"]:
-    keys = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("value", "met", "noisy"))
+    keys = ", ".join(f"{k}={p[k]}" for k in shown)
     parts.append(f"{keys + ': ' if keys else ''}{p['value']:.2f}x"
                  + (" (noisy)" if p["noisy"] else ""))
   verdict = "met" if t["met"] else "not met"
