@@ -6,17 +6,20 @@ walk the corpus in blocks of rows and the queries in blocks that fill a *tile* o
 caller's `block_size` and query blocks of `attention_query_block`. These sizes trade
 memory for speed, and the right trade depends on the device:
 
-| backend | corpus block (rows, at most about) | top-k tile (scores) | stats / pairs tile (scores) | attention query block |
+| backend | corpus block (rows) | top-k tile | stats / pairs tile | attention query block |
 | --- | --- | --- | --- | --- |
-| `cpu` (and any unknown backend) | 4096 | 2**21 (8 MiB f32) | 2**20 (4 MiB f32) | `block_size` |
-| `gpu` | 16384 | 2**26 (256 MiB f32) | 2**24 (64 MiB f32) | fills 2**18 logits a head |
-| `tpu` | 16384 | 2**26 (256 MiB f32) | 2**24 (64 MiB f32) | fills 2**18 logits a head |
+| `cpu`, any unknown | about 4096 | 2**21 scores (8 MiB) | 2**20 (4 MiB) | `block_size` |
+| `gpu`, `tpu` | about 16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | fills 2**18 logits |
+
+Corpus blocks split the rows into equal blocks of at most about that many; query blocks
+fill the tile (float32 sizes in brackets); an attention query block on GPU and TPU
+holds at least 2**18 logits a head (`attention_query_block`).
 
 Why these numbers:
 
 - CPU: the sizes the streamed reductions had before they were backend-aware, the
-  fastest tried on a 2-core CPU (`experiments/search_bench.py`); a tile stays in the
-  last-level cache's neighbourhood and memory stays tens of MiB.
+  fastest tried on a 2-core CPU (`experiments/search_bench.py`), with temporaries of
+  tens of MiB.
 - GPU and TPU: every block is one step of a `lax.scan`, which costs a few kernel
   launches (GPU) or a loop iteration (TPU) whatever its size, and a matmul only
   reaches the tensor cores' / MXU's rate when it is large. A 4096 x 16384 tile at
