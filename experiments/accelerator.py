@@ -173,7 +173,7 @@ def plan(backend: str, memory: int | None, mode: str) -> Sizes:
       batch //= 2
     return Sizes(check_rows=1024, check_d=128, **every, allpairs_n=allpairs_n,
                  allpairs_d=1024, topk_q=4096, topk_n=topk_n, topk_d=768, topk_k=10,
-                 attention=(batch, 4096, 16, 128), attention_block=512,
+                 attention=(batch, 4096, 16, 128), attention_block=1024,
                  attention_dtype="bfloat16", repeats=5, min_sample_s=0.05)
   if backend in ("gpu", "tpu"):  # quick on an accelerator
     return Sizes(check_rows=512, check_d=64, **every, allpairs_n=8192,

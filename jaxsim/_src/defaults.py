@@ -9,11 +9,11 @@ memory for speed, and the right trade depends on the device:
 | backend | corpus block (rows) | top-k tile | stats / pairs tile | attention query block |
 | --- | --- | --- | --- | --- |
 | `cpu`, any unknown | about 4096 | 2**21 scores (8 MiB) | 2**20 (4 MiB) | `block_size` |
-| `gpu`, `tpu` | about 16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | fills 2**18 logits |
+| `gpu`, `tpu` | about 16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | fills 2**20 logits |
 
 Corpus blocks split the rows into equal blocks of at most about that many; query blocks
 fill the tile (float32 sizes in brackets); an attention query block on GPU and TPU
-holds at least 2**18 logits a head (`attention_query_block`).
+holds at least 2**20 logits a head (`attention_query_block`).
 
 Why these numbers:
 
@@ -78,7 +78,7 @@ class Defaults:
 
 _CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0)
 _ACCELERATOR = Defaults(corpus_block=16384, topk_tile=1 << 26, stats_tile=1 << 24,
-                        attention_tile=1 << 18)
+                        attention_tile=1 << 20)
 BACKENDS: dict[str, Defaults] = {"cpu": _CPU, "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
 
 
