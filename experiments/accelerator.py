@@ -171,7 +171,7 @@ def plan(backend: str, memory: int | None, mode: str) -> Sizes:
     # (logits, weights and their gradients).
     while batch > 1 and batch * 16 * 4096**2 * 4 * 4 > mem // 3:
       batch //= 2
-    return Sizes(check_rows=1024, check_d=128, **every, allpairs_n=allpairs_n,
+    return Sizes(check_rows=768, check_d=64, **every, allpairs_n=allpairs_n,
                  allpairs_d=1024, topk_q=4096, topk_n=topk_n, topk_d=768, topk_k=10,
                  attention=(batch, 4096, 16, 128), attention_block=1024,
                  attention_dtype="bfloat16", repeats=5, min_sample_s=0.05)
@@ -658,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for name in SECTIONS:
     if name not in only:
       continue
+    print(f"[{name}] started at {time.perf_counter() - start:.0f} s", flush=True)
     results["sections"][name] = data = run_section(name, runs[name], deadline)
     results["checks"] = checks(results, backend)
     results["total_seconds"] = time.perf_counter() - start

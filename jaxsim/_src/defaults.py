@@ -37,9 +37,10 @@ bfloat16 pass on TPU, full float32 on CPU; pass `precision="highest"` for float3
 products everywhere.
 
 Approximate top-k: `jaxsim.topk(..., approx=True)` selects each block's candidates
-with `lax.approx_max_k`, which is the fast path on TPU (a hardware-friendly partial
-reduction, Chern et al. 2022) and gives the exact result elsewhere; on TPU use it
-with these tile sizes when a recall of about `recall_target` is enough.
+with `lax.approx_max_k`, the fast path on TPU (a partial reduction that suits its
+vector units, Chern et al. 2022; JAX optimizes it on TPU only). Use it there, with
+these tile sizes, when a recall of about `recall_target` is enough; keep the exact
+default on CPU and GPU.
 
 The backend is `jax.default_backend()` when a function is traced: the defaults follow
 where the computation runs unless the caller places it elsewhere explicitly, in which
