@@ -410,15 +410,15 @@ def allpairs(sizes: Sizes, backend: str, key, peak) -> dict[str, Any]:
   """All-pairs cosine against the raw matmul and the device's peak rate."""
   n, d = sizes.allpairs_n, sizes.allpairs_d
   flops = 2.0 * n * n * d
-  rows = []
+  rows, agreement = [], {}
   for dtype in sizes.dtypes:
     x = normal(key, (n, d), dtype)
     xn = jax.block_until_ready(unit(x))
     jax_fn, jax_mem = compiled(jaxsim.cosine, x)
     raw_fn, raw_mem = compiled(lambda a: matmul_t(a, a, a.dtype), xn)
-    err = rel_error(jax_fn(x)[:256], np.asarray(to_f64(raw_fn(xn)[:256])))
-    if err > tolerance(dtype, backend):
-      raise AssertionError(f"jaxsim.cosine differs from the raw matmul by {err:.2e} ({dtype})")
+    # Recorded, not raised: a rare accelerator run still times what it can.
+    err = rel_error(jax_fn(x)[:256], to_f64(raw_fn(xn)[:256]))
+    agreement[dtype] = {"rel_error": err, "passed": bool(err <= tolerance(dtype, backend))}
     t = time_all({"jaxsim.cosine": lambda: jax_fn(x), "raw matmul": lambda: raw_fn(xn)}, sizes)
     rate = peak.get(dtype) if peak else None
     for name, mem in (("jaxsim.cosine", jax_mem), ("raw matmul", raw_mem)):
@@ -428,7 +428,8 @@ def allpairs(sizes: Sizes, backend: str, key, peak) -> dict[str, Any]:
                    "fraction_of_peak": None if rate is None else tflops / rate,
                    "temp_bytes": None if mem is None else mem["temp_bytes"]})
     del x, xn
-  return {"rows": rows, "flops": flops}
+  return {"rows": rows, "flops": flops, "agreement": agreement,
+          "agreement_passed": all(a["passed"] for a in agreement.values())}
 
 
 def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
@@ -436,7 +437,7 @@ def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
   q, n, d, k = sizes.topk_q, sizes.topk_n, sizes.topk_d, sizes.topk_k
   flops = 2.0 * q * n * d
   kq, kc = jax.random.split(key)
-  rows, notes = [], []
+  rows, notes, agreement = [], [], {}
   for dtype in sizes.dtypes:
     queries, corpus = normal(kq, (q, d), dtype), normal(kc, (n, d), dtype)
     qn, cn = jax.block_until_ready((unit(queries), unit(corpus)))
@@ -459,11 +460,11 @@ def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
     got_scores, got_idx = cands["jaxsim.topk"]()
     if "dense matmul + lax.top_k" in cands:
       want_scores, want_idx = cands["dense matmul + lax.top_k"]()
+      # Near-ties may swap under rounding: 99% of the indices must agree.
       agree = float(jnp.mean(jnp.any(got_idx[:, :, None] == want_idx[:, None, :], axis=-1)))
       err = rel_error(got_scores, to_f64(want_scores))
-      if agree < 0.99 or err > tolerance(dtype, backend):
-        raise AssertionError(f"jaxsim.topk vs dense top-k ({dtype}): {agree:.3f} of indices "
-                             f"agree, scores differ by {err:.2e}")
+      agreement[dtype] = {"index_agreement": agree, "rel_error": err,
+                          "passed": bool(agree >= 0.99 and err <= tolerance(dtype, backend))}
     t = time_all(cands, sizes)
     for name in cands:
       mem = mems[name]
@@ -472,7 +473,8 @@ def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
                    "fraction_of_raw": t["raw matmul"] / t[name],
                    "temp_bytes": None if mem is None else mem["temp_bytes"]})
     del queries, corpus, qn, cn, cands
-  return {"rows": rows, "flops": flops, "notes": notes}
+  return {"rows": rows, "flops": flops, "notes": notes, "agreement": agreement,
+          "agreement_passed": all(a["passed"] for a in agreement.values())}
 
 
 def attention(sizes: Sizes, backend: str, key) -> dict[str, Any]:
@@ -520,9 +522,6 @@ def attention(sizes: Sizes, backend: str, key) -> dict[str, Any]:
     base = ref_name if metric == "scaled_dot" else f"jaxsim {metric} dense"
     if base in outputs and base != name:
       checks[name] = rel_error(out, to_f64(outputs[base]))
-  bad = {n: e for n, e in checks.items() if e > tol}
-  if bad:
-    raise AssertionError(f"attention outputs disagree (rel. error > {tol}): {bad}")
   for label, table, mult in (("forward", fwd, 1.0), ("forward+backward", bwd, 3.0)):
     t_all = time_all({name: (lambda exe=exe: exe(q, k, v)) for name, (exe, _) in table.items()},
                      sizes)
@@ -534,7 +533,9 @@ def attention(sizes: Sizes, backend: str, key) -> dict[str, Any]:
                    "tflops": mult * flops / seconds / 1e12,
                    "vs_baseline": seconds / t_all[base], "baseline": base,
                    "temp_bytes": None if mem is None else mem["temp_bytes"]})
-  return {"rows": rows, "errors": errors, "agreement": checks, "flops_forward": flops,
+  return {"rows": rows, "errors": errors,
+          "agreement": {n: {"rel_error": e, "passed": bool(e <= tol)} for n, e in checks.items()},
+          "agreement_passed": all(e <= tol for e in checks.values()), "flops_forward": flops,
           "flops_convention": "forward 4 B N T S H; forward+backward 3x that"}
 
 
@@ -543,11 +544,20 @@ def attention(sizes: Sizes, backend: str, key) -> dict[str, Any]:
 
 
 def checks(results: dict[str, Any], backend: str) -> list[dict[str, Any]]:
-  """The issue's targets against the measured ratios; `passed` None where they do not
-  apply (CPU) or were not measured."""
+  """Correctness and agreement (on every backend), then the issue's targets against the
+  measured ratios: `passed` None where a target does not apply (CPU) or was not
+  measured."""
   sections = results["sections"]
   on_accel = backend in ("gpu", "tpu")
   out = []
+  for name, s in sections.items():
+    if name == "correctness" and s.get("status") == "ok":
+      out.append({"check": "correctness: every function within tolerance",
+                  "value": sum(r["passed"] for r in s["rows"]) / max(len(s["rows"]), 1),
+                  "target": "1.0 (share passed)", "passed": bool(s["passed"])})
+    elif "agreement_passed" in s:
+      out.append({"check": f"{name}: candidates agree before timing",
+                  "value": None, "target": "all", "passed": bool(s["agreement_passed"])})
 
   def rows(section):
     s = sections.get(section, {})

@@ -74,9 +74,17 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     assert {f"jaxsim {metric} dense", f"jaxsim {metric} blocked"} <= names
   assert "jax.nn xla scaled_dot" in names and not att["errors"]
   assert {r["pass"] for r in att["rows"]} == {"forward", "forward+backward"}
-  assert all(err <= 2e-5 for err in att["agreement"].values()) and att["agreement"]
-  # Checks: targets apply on accelerators only, so none passes or fails on CPU.
-  assert res["checks"] and all(c["passed"] is None for c in res["checks"])
+  assert att["agreement"] and all(a["passed"] and a["rel_error"] <= 2e-5
+                                  for a in att["agreement"].values())
+  for name in ("allpairs", "topk", "attention"):
+    assert res["sections"][name]["agreement_passed"], name
+  # Checks: correctness and agreement pass; the speed targets apply on accelerators
+  # only, so none of them passes or fails on CPU.
+  checks = {c["check"]: c["passed"] for c in res["checks"]}
+  agreement = [c for c in checks if "agree" in c or c.startswith("correctness")]
+  assert len(agreement) == 4 and all(checks[c] is True for c in agreement)
+  assert all(passed is None for c, passed in checks.items() if c not in agreement)
+  assert len(checks) > len(agreement)
   out = capsys.readouterr().out
   assert "correctness" in out and "checks" in out and "backend=cpu" in out
 
@@ -109,6 +117,11 @@ def test_checks_apply_only_on_accelerators():
   assert all(c["passed"] is None for c in accelerator.checks(results, "cpu"))
   results["sections"]["topk"]["status"] = "error"
   assert len(accelerator.checks(results, "gpu")) == 2
+  # Candidates that disagree fail a check on every backend, CPU included.
+  results["sections"]["allpairs"]["agreement_passed"] = False
+  for backend in ("cpu", "gpu"):
+    first = accelerator.checks(results, backend)[0]
+    assert first["check"].startswith("allpairs") and first["passed"] is False
 
 
 @pytest.mark.parametrize("kind, bf16", [
