@@ -407,30 +407,47 @@ def _check_stats(x, y, xr, yr) -> float:
   return float(np.max(np.abs(got - want)))
 
 
+def per_dtype(dtypes, fn: Callable[[str], tuple[list, dict]]) -> dict[str, Any]:
+  """Runs `fn(dtype) -> (rows, agreement)` for each dtype; a dtype that fails (out of
+  memory, say) is recorded under `errors` and the others still run."""
+  rows, agreement, errors = [], {}, {}
+  for dtype in dtypes:
+    try:
+      more, agreement[dtype] = fn(dtype)
+      rows += more
+    except Exception as e:  # Keep the other dtype's figures.
+      errors[dtype] = f"{type(e).__name__}: {e}"[:500]
+  if errors and not rows:
+    raise RuntimeError(f"every dtype failed: {errors}")
+  return {"rows": rows, "agreement": agreement, "errors": errors,
+          "agreement_passed": all(a["passed"] for a in agreement.values() if a)}
+
+
 def allpairs(sizes: Sizes, backend: str, key, peak) -> dict[str, Any]:
   """All-pairs cosine against the raw matmul and the device's peak rate."""
   n, d = sizes.allpairs_n, sizes.allpairs_d
   flops = 2.0 * n * n * d
-  rows, agreement = [], {}
-  for dtype in sizes.dtypes:
+
+  def one(dtype):
     x = normal(key, (n, d), dtype)
     xn = jax.block_until_ready(unit(x))
     jax_fn, jax_mem = compiled(jaxsim.cosine, x)
     raw_fn, raw_mem = compiled(lambda a: matmul_t(a, a, a.dtype), xn)
     # Recorded, not raised: a rare accelerator run still times what it can.
     err = rel_error(jax_fn(x)[:256], to_f64(raw_fn(xn)[:256]))
-    agreement[dtype] = {"rel_error": err, "passed": bool(err <= tolerance(dtype, backend))}
+    agreement = {"rel_error": err, "passed": bool(err <= tolerance(dtype, backend))}
     t = time_all({"jaxsim.cosine": lambda: jax_fn(x), "raw matmul": lambda: raw_fn(xn)}, sizes)
     rate = peak.get(dtype) if peak else None
+    rows = []
     for name, mem in (("jaxsim.cosine", jax_mem), ("raw matmul", raw_mem)):
       tflops = flops / t[name] / 1e12
       rows.append({"candidate": name, "dtype": dtype, "n": n, "d": d, "seconds": t[name],
                    "tflops": tflops, "vs_raw": t["raw matmul"] / t[name],
                    "fraction_of_peak": None if rate is None else tflops / rate,
                    "temp_bytes": None if mem is None else mem["temp_bytes"]})
-    del x, xn
-  return {"rows": rows, "flops": flops, "agreement": agreement,
-          "agreement_passed": all(a["passed"] for a in agreement.values())}
+    return rows, agreement
+
+  return {**per_dtype(sizes.dtypes, one), "flops": flops}
 
 
 def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
@@ -438,8 +455,9 @@ def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
   q, n, d, k = sizes.topk_q, sizes.topk_n, sizes.topk_d, sizes.topk_k
   flops = 2.0 * q * n * d
   kq, kc = jax.random.split(key)
-  rows, notes, agreement = [], [], {}
-  for dtype in sizes.dtypes:
+  notes = []
+
+  def one(dtype):
     queries, corpus = normal(kq, (q, d), dtype), normal(kc, (n, d), dtype)
     qn, cn = jax.block_until_ready((unit(queries), unit(corpus)))
     cands, mems = {}, {}
@@ -459,23 +477,25 @@ def topk(sizes: Sizes, backend: str, key, memory) -> dict[str, Any]:
     else:
       notes.append(f"{dtype}: dense baseline skipped, {dense_bytes / 2**30:.1f} GiB of scores")
     got_scores, got_idx = cands["jaxsim.topk"]()
+    agreement = {}
     if "dense matmul + lax.top_k" in cands:
       want_scores, want_idx = cands["dense matmul + lax.top_k"]()
       # Near-ties may swap under rounding: 99% of the indices must agree.
       agree = float(jnp.mean(jnp.any(got_idx[:, :, None] == want_idx[:, None, :], axis=-1)))
       err = rel_error(got_scores, to_f64(want_scores))
-      agreement[dtype] = {"index_agreement": agree, "rel_error": err,
-                          "passed": bool(agree >= 0.99 and err <= tolerance(dtype, backend))}
+      agreement = {"index_agreement": agree, "rel_error": err,
+                   "passed": bool(agree >= 0.99 and err <= tolerance(dtype, backend))}
     t = time_all(cands, sizes)
+    rows = []
     for name in cands:
       mem = mems[name]
       rows.append({"candidate": name, "dtype": dtype, "q": q, "n": n, "d": d, "k": k,
                    "seconds": t[name], "tflops": flops / t[name] / 1e12,
                    "fraction_of_raw": t["raw matmul"] / t[name],
                    "temp_bytes": None if mem is None else mem["temp_bytes"]})
-    del queries, corpus, qn, cn, cands
-  return {"rows": rows, "flops": flops, "notes": notes, "agreement": agreement,
-          "agreement_passed": all(a["passed"] for a in agreement.values())}
+    return rows, agreement
+
+  return {**per_dtype(sizes.dtypes, one), "flops": flops, "notes": notes}
 
 
 def attention(sizes: Sizes, backend: str, key) -> dict[str, Any]:

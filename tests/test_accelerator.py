@@ -78,6 +78,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
                                   for a in att["agreement"].values())
   for name in ("allpairs", "topk", "attention"):
     assert res["sections"][name]["agreement_passed"], name
+    assert not res["sections"][name]["errors"], name
   # Checks: correctness and agreement pass; the speed targets apply on accelerators
   # only, so none of them passes or fails on CPU.
   checks = {c["check"]: c["passed"] for c in res["checks"]}
@@ -100,6 +101,19 @@ def test_failing_section_is_recorded_and_budget_skips():
   assert skipped["status"] == "skipped" and skipped["rows"] == []
   ok = accelerator.run_section("topk", lambda: {"rows": [1]}, deadline=math.inf)
   assert ok["status"] == "ok" and ok["rows"] == [1]
+
+
+def test_a_failing_dtype_keeps_the_others():
+  def one(dtype):
+    if dtype == "bfloat16":
+      raise MemoryError("RESOURCE_EXHAUSTED")
+    return [{"dtype": dtype}], {"passed": True}
+
+  data = accelerator.per_dtype(("float32", "bfloat16"), one)
+  assert data["rows"] == [{"dtype": "float32"}] and data["agreement_passed"]
+  assert "RESOURCE_EXHAUSTED" in data["errors"]["bfloat16"]
+  with pytest.raises(RuntimeError, match="every dtype failed"):
+    accelerator.per_dtype(("bfloat16",), one)
 
 
 def test_checks_apply_only_on_accelerators():
