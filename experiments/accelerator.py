@@ -623,7 +623,12 @@ def _table(section: str, data: dict[str, Any]) -> str:
       "attention": ["candidate", "pass", "dtype", "seconds", "tflops", "vs_baseline",
                     "temp_bytes"],
   }[section]
-  return f"{section} ({data['seconds']:.0f} s)\n" + harness.format_table(data["rows"], columns)
+  lines = [f"{section} ({data['seconds']:.0f} s)", harness.format_table(data["rows"], columns)]
+  lines += [f"note: {note}" for note in data.get("notes", [])]
+  lines += [f"failed: {name}: {err}" for name, err in data.get("errors", {}).items()]
+  lines += [f"disagrees: {name}: {a}" for name, a in data.get("agreement", {}).items()
+            if a and not a["passed"]]
+  return "\n".join(lines)
 
 
 def run_section(name: str, fn: Callable[[], dict[str, Any]], deadline: float) -> dict[str, Any]:
