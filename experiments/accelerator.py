@@ -20,7 +20,12 @@ failure is recorded in the JSON and the rest still runs (an accelerator run is r
   plans for each; on TPU also `approx=True`.
 - `attention`: every logit metric, dense and blocked, against
   `jax.nn.dot_product_attention` with `implementation="xla"` and on GPU `"cudnn"`:
-  time and memory, forward and forward + backward.
+  time and memory, forward and forward + backward; on GPU also jaxsim's
+  `implementation="cudnn"` form of every metric, where this jaxsim has it.
+
+Before anything is timed, the candidates of a section are checked against each other;
+a disagreement is recorded and checked, not fatal, and so is a dtype or a candidate
+that fails (out of memory, a kernel refusing a shape).
 
 Output: a table per section on stdout, and `DIR/accelerator.json` with the backend,
 device kind and memory, versions, the sizes, every row, each section's status and the
@@ -29,7 +34,8 @@ by a timeout still leaves the sections it finished). Timing uses the shared harn
 warm-up, then side-by-side round-robin samples, median reported.
 
 `--tiny` shrinks every size for the test suite; `--budget-s` skips the sections that
-would start after that many seconds (recorded as skipped).
+would start after that many seconds (recorded as skipped); `--only` picks sections.
+`attention_call` is the one place that calls jaxsim's attention API.
 """
 
 from __future__ import annotations
