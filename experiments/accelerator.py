@@ -94,6 +94,9 @@ TOLERANCE = {"float32": 2e-5, "float32_accelerator": 1e-2, "bfloat16": 2e-2,
              "float16": 4e-3}
 
 ATTENTION_METRICS = ("dot", "scaled_dot", "cosine")
+# A full run on a GPU or TPU starts no section after this many seconds unless
+# `--budget-s` says otherwise, so that it ends within about 5 minutes.
+ACCELERATOR_BUDGET_S = 240.0
 SECTIONS = ("correctness", "allpairs", "topk", "attention")
 
 
@@ -661,7 +664,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--only", default=",".join(SECTIONS),
                  help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
   p.add_argument("--budget-s", type=float, default=None,
-                 help="skip the sections that would start after this many seconds")
+                 help="skip the sections that would start after this many seconds "
+                      f"(default: {ACCELERATOR_BUDGET_S:.0f} for a full run on GPU/TPU, "
+                      "else none)")
   p.add_argument("--seed", type=int, default=0)
   return p
 
@@ -673,11 +678,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if unknown:
     raise SystemExit(f"--only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
   start = time.perf_counter()
-  deadline = math.inf if args.budget_s is None else start + args.budget_s
   backend = jax.default_backend()
   device = jax.devices()[0]
   memory = device_memory()
   mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+  budget = args.budget_s
+  if budget is None and mode == "full" and backend in ("gpu", "tpu"):
+    budget = ACCELERATOR_BUDGET_S
+  deadline = math.inf if budget is None else start + budget
   sizes = plan(backend, memory, mode)
   peak = peak_tflops(device.device_kind)
   env = harness.environment()
@@ -685,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "mode": mode, "backend": backend, "device_kind": device.device_kind,
       "device_count": jax.device_count(), "device_memory_bytes": memory,
       "versions": env["versions"], "peak_tflops": peak, "sizes": dataclasses.asdict(sizes),
-      "defaults": dataclasses.asdict(defaults.for_backend(backend)), "sections": {},
+      "defaults": dataclasses.asdict(defaults.for_backend(backend)), "budget_s": budget,
+      "sections": {},
       "checks": [],
   }
   payload = {"experiment": "accelerator", "argv": sys.argv if argv is None else argv,
