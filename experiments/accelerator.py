@@ -357,7 +357,12 @@ def correctness(sizes: Sizes, backend: str, key) -> dict[str, Any]:
              lambda metric=metric, want=want: rel_error(
                  attention_call(jaxsim.attention, qd, kd, vd, metric=metric, is_causal=True,
                                 block_size=max(8, t // 3)), want))
-  return {"rows": rows, "passed": all(r["passed"] for r in rows),
+  # Public functions this section does not cover yet (added to jaxsim after it).
+  covered = {r["function"].split("(")[0] for r in rows}
+  unchecked = sorted(name for name in jaxsim.__all__
+                     if inspect.isfunction(getattr(jaxsim, name)) and name not in covered)
+  return {"rows": rows, "passed": all(r["passed"] for r in rows), "unchecked": unchecked,
+          "notes": [f"not checked: {', '.join(unchecked)}"] if unchecked else [],
           "sizes": {"x": [n, d], "y": [m, d], "attention_q": list(qa.shape),
                     "attention_kv": list(ka.shape)}}
 

@@ -56,6 +56,8 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
   assert any(f.startswith("pairwise") for f in functions)
   for fn in ("attention_scores", "attention_weights", "attention"):
     assert any(f.startswith(fn + "(") for f in functions), fn
+  public = {n for n in jaxsim.__all__ if inspect.isfunction(getattr(jaxsim, n))}
+  assert set(corr["unchecked"]) == public - {f.split("(")[0] for f in functions}
   assert corr["passed"] and all(r["passed"] and r["rel_error"] < r["tolerance"]
                                 for r in corr["rows"])
   # Timed sections: every candidate, with ratios consistent with the seconds.
