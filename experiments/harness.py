@@ -1037,7 +1037,7 @@ def _grid_override(text: str) -> tuple[str, list]:
 def parser(description: str, items: Sequence[Benchmark | Study] = ()) -> argparse.ArgumentParser:
   """The options every experiment takes."""
   names = ", ".join(i.name for i in items)
-  p = argparse.ArgumentParser(description=description.strip().splitlines()[0],
+  p = argparse.ArgumentParser(description=(description.strip() or "An experiment.").splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="results", help="folder for the JSON and PNG files")
   p.add_argument("--quick", action="store_true", help="small grid, about a minute on 2 CPUs")
