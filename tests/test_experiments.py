@@ -105,6 +105,22 @@ def test_seed_table(results):
   assert _is_png(results / "post_table.png") and _is_png(results / "batched.png")
 
 
+def test_seed_table_sync_dispatch_writes_its_own_json(tmp_path):
+  # The CPU client reads the dispatch mode once, when JAX starts: a fresh process.
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  root = Path(__file__).resolve().parent.parent
+  subprocess.run([sys.executable, "-m", "experiments.seed_table", "--sync-dispatch", "--only",
+                  "overhead", *TINY, "--grid", "n=8", "--grid", "d=4", "--no-plot", "--out",
+                  str(tmp_path)], cwd=root, check=True, capture_output=True, timeout=300)
+  payload = json.loads((tmp_path / "seed_table_sync.json").read_text())
+  check_schema(payload, "seed_table_sync")
+  assert payload["environment"]["cpu_async_dispatch"] is False
+  assert set(payload["benchmarks"]) == {"overhead"} and payload["checks_passed"]
+
+
 @pytest.mark.parametrize("shape", [(7, 4), (3, 7, 4)])
 def test_seed_table_candidates_agree_with_float64_reference(shape):
   x = np.random.default_rng(0).random(shape, dtype=np.float32)
