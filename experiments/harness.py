@@ -68,7 +68,8 @@ JSON layout (`SCHEMA`), one file per run, `OUT/NAME.json` (`NAME_sync.json` with
      "checks_passed": bool, "noisy": bool, "warnings": [str]}
 
 ROW, one per (grid point, candidate): the point's keys (e.g. "n", "d"), then
-`candidate`, `status` ("ok", "check failed", "skipped"), `median_s`, `q1_s`, `q3_s`,
+`candidate`, `status` ("ok", "check failed", "skipped" where `when` excludes the point,
+"unavailable" with a `reason` where an optional library is missing), `median_s`, `q1_s`, `q3_s`,
 `min_s`, `samples_s` (every sample), `calls_per_sample`, `spread` ((q3 - q1) / median),
 `noisy`, `load`, `rate` (work / median, in `rate_unit`, or null), `speedup` (baseline
 median / this median, or null), `error` (the check's error, or null), `peak_bytes`,
@@ -725,21 +726,31 @@ def run(bench: Benchmark, ctx: Context) -> dict:
   cands = _selected(bench.candidates, args.candidates)
   opts = _timing_options(bench, args)
   rows: list[dict] = []
-  total = sum(len(cands) for _ in points) * opts["repeats"]
+  total = len(points) * len(cands) * opts["repeats"]
   cores = cpu_count()
   with _progress_bar(total, bench.name) as bar:
     for point in points:
       case = bench.setup(point, ctx)
       active = [c for c in cands if c.when is None or c.when(point)]
-      fns = {}
+      fns, outputs, unavailable = {}, {}, {}
       for c in active:
-        arg = case if c.prepare is None else c.prepare(case)
-        fns[c.name] = (lambda call=c.call, arg=arg: call(arg))
+        # An optional library that is not installed (faiss, torch, scikit-learn) makes
+        # its candidate unavailable, not the run fail; any other error is a real one.
+        try:
+          arg = case if c.prepare is None else c.prepare(case)
+          fn = (lambda call=c.call, arg=arg: call(arg))
+          out = fn()
+        except ImportError as err:
+          unavailable[c.name] = f"{type(err).__name__}: {err}"
+          continue
+        fns[c.name] = fn
+        if bench.check is not None:
+          outputs[c.name] = (c.output or to_numpy)(out)
+        del out
       errors: dict[str, float] = {}
-      if bench.check is not None and fns:
-        outputs = {c.name: (c.output or to_numpy)(fns[c.name]()) for c in active}
+      if bench.check is not None and outputs:
         errors = bench.check(case, outputs)
-        del outputs
+      outputs.clear()
       failed = {n for n, e in errors.items() if not e <= bench.tolerance}
       timed = {n: f for n, f in fns.items() if n not in failed}
       load = load_average()
@@ -749,6 +760,10 @@ def run(bench: Benchmark, ctx: Context) -> dict:
       base = timings.get(bench.baseline)
       for c in cands:
         row = {**point, "candidate": c.name}
+        if c.name in unavailable:
+          rows.append({**row, "status": "unavailable", "reason": unavailable[c.name]})
+          bar.update(opts["repeats"])
+          continue
         if c.name not in fns:
           rows.append({**row, "status": "skipped"})
           continue
@@ -819,7 +834,7 @@ def judge(target: Target, rows: list[dict]) -> dict:
 _ROW_FIELDS = frozenset({
     "candidate", "status", "median_s", "q1_s", "q3_s", "min_s", "samples_s",
     "calls_per_sample", "spread", "noisy", "load", "rate", "speedup", "error", "peak_bytes",
-    "peak_how"})
+    "peak_how", "reason"})
 
 
 # --------------------------------------------------------------------------- printing
@@ -834,7 +849,8 @@ def table_rows(section: Mapping[str, Any]) -> list[dict]:
     point = {k: r[k] for k in r if k in varying}
     row = {**point, "candidate": r["candidate"]}
     if r["status"] != "ok":
-      row["time"] = "skipped" if r["status"] == "skipped" else "CHECK FAILED"
+      row["time"] = {"skipped": "skipped", "unavailable": "not installed"}.get(r["status"],
+                                                                             "CHECK FAILED")
       out.append(row)
       continue
     row["time"] = fmt_seconds(r["median_s"])

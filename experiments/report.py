@@ -80,7 +80,8 @@ def _rows(payload, bench: str) -> list[dict]:
 
 def _cell(row: dict | None, fmt: Callable[[dict], str]) -> str:
   if row is None or row.get("status") != "ok":
-    return "-" if row is None or row.get("status") == "skipped" else "check failed"
+    status = None if row is None else row.get("status")
+    return {None: "-", "skipped": "-", "unavailable": "not installed"}.get(status, "check failed")
   return fmt(row) + (f" {NOISY}" if row.get("noisy") else "")
 
 

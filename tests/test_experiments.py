@@ -46,7 +46,7 @@ def check_schema(payload: dict, name: str) -> None:
             "analysis"} <= set(bench)
     assert bench["rows"], "every benchmark times something"
     for row in bench["rows"]:
-      assert row["status"] in ("ok", "skipped", "check failed")
+      assert row["status"] in ("ok", "skipped", "check failed", "unavailable")
       assert set(bench["grid"][0]) <= set(row)
       if row["status"] == "ok":
         assert OK_ROW_KEYS <= set(row)
@@ -316,6 +316,20 @@ def test_harness_does_not_time_a_wrong_candidate_and_fails_the_run(tmp_path):
   assert rows["wrong"]["status"] == "check failed" and rows["wrong"]["error"] == 2.0
   assert rows["right"]["status"] == "ok" and not p["checks_passed"]
   assert timed.count("wrong") == 1  # the check's call only
+
+
+def test_harness_a_missing_library_makes_its_candidate_unavailable(tmp_path, capsys):
+  def needs_a_missing_library(c):
+    import a_library_that_is_not_installed  # noqa: F401
+
+  bench = _tiny_bench([Candidate("a", lambda c: c.x * 2),
+                       Candidate("missing", needs_a_missing_library)])
+  p = harness.main([bench], name="tiny", argv=[*TINY, "--quick", "--out", str(tmp_path)])
+  rows = {r["candidate"]: r for r in p["benchmarks"]["tiny"]["rows"]}
+  assert rows["a"]["status"] == "ok" and p["checks_passed"]
+  assert rows["missing"]["status"] == "unavailable"
+  assert "a_library_that_is_not_installed" in rows["missing"]["reason"]
+  assert "not installed" in capsys.readouterr().out
 
 
 def test_harness_candidates_when_and_only(tmp_path):
