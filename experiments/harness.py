@@ -937,12 +937,13 @@ def _noise_warnings(payload: Mapping[str, Any]) -> list[str]:
   warnings = []
   cores = payload["environment"].get("cpu_affinity") or 1
   for name, sec in payload["benchmarks"].items():
-    noisy = [r for r in sec["rows"] if r.get("noisy")]
+    timed = [r for r in sec["rows"] if r["status"] == "ok"]
+    noisy = [r for r in timed if r["noisy"]]
     if noisy:
       worst = max(noisy, key=lambda r: r["spread"])
       load = max((r["load"] for r in noisy if r.get("load") is not None), default=None)
       warnings.append(
-          f"warning: {len(noisy)} of {len(sec['rows'])} {name} timings are noisy (IQR above "
+          f"warning: {len(noisy)} of {len(timed)} {name} timings are noisy (IQR above "
           f"{100 * NOISY_SPREAD:.0f}% of the median, or load average above {cores} cores; "
           f"worst IQR {100 * worst['spread']:.0f}% for {worst['candidate']}"
           + (f", load up to {load:.2f}" if load is not None else "")
