@@ -623,11 +623,24 @@ def _jsonable(obj):
   raise TypeError(f"Not JSON serialisable: {type(obj).__name__}")
 
 
+def _finite(obj):
+  """Non-finite floats as the strings "nan", "inf", "-inf": JSON has no literal for them."""
+  if isinstance(obj, float) and not np.isfinite(obj):
+    return str(obj)
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  return obj
+
+
 def write_json_atomic(path: Path, payload: Any) -> Path:
   """Writes JSON through a temporary file and a rename: never a half-written file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(payload, indent=1, default=_jsonable, allow_nan=False) + "\n")
+  text = json.dumps(_finite(json.loads(json.dumps(payload, default=_jsonable))), indent=1,
+                    allow_nan=False)
+  tmp.write_text(text + "\n")
   os.replace(tmp, path)
   return path
 
@@ -750,8 +763,9 @@ def run(bench: Benchmark, ctx: Context) -> dict:
       errors: dict[str, float] = {}
       if bench.check is not None and outputs:
         errors = bench.check(case, outputs)
+      # A candidate the check did not score fails too: nothing is timed unchecked.
+      failed = {n for n in outputs if not errors.get(n, float("nan")) <= bench.tolerance}
       outputs.clear()
-      failed = {n for n, e in errors.items() if not e <= bench.tolerance}
       timed = {n: f for n, f in fns.items() if n not in failed}
       load = load_average()
       timings = compare(timed, on_sample=bar.update, **opts) if timed else {}
@@ -766,6 +780,7 @@ def run(bench: Benchmark, ctx: Context) -> dict:
           continue
         if c.name not in fns:
           rows.append({**row, "status": "skipped"})
+          bar.update(opts["repeats"])
           continue
         row["error"] = errors.get(c.name)
         if c.name in failed:

@@ -307,13 +307,17 @@ def test_harness_a_new_benchmark_is_a_declaration(tmp_path, capsys):
 def test_harness_does_not_time_a_wrong_candidate_and_fails_the_run(tmp_path):
   timed = []
   bench = _tiny_bench([Candidate("right", lambda c: timed.append("right") or c.x * 2),
-                       Candidate("wrong", lambda c: timed.append("wrong") or c.x * 3)])
+                       Candidate("wrong", lambda c: timed.append("wrong") or c.x * 3),
+                       Candidate("wrong shape", lambda c: c.x[:2] * 2),
+                       Candidate("nan", lambda c: c.x * np.nan)])
   with pytest.raises(SystemExit) as err:
     harness.main([bench], name="tiny", argv=[*TINY, "--quick", "--out", str(tmp_path)])
   assert err.value.code == 1
   p = json.loads((tmp_path / "tiny.json").read_text())
   rows = {r["candidate"]: r for r in p["benchmarks"]["tiny"]["rows"]}
   assert rows["wrong"]["status"] == "check failed" and rows["wrong"]["error"] == 2.0
+  assert rows["wrong shape"]["error"] == "inf" and rows["nan"]["error"] == "nan"
+  assert {r["status"] for n, r in rows.items() if n != "right"} == {"check failed"}
   assert rows["right"]["status"] == "ok" and not p["checks_passed"]
   assert timed.count("wrong") == 1  # the check's call only
 
