@@ -1133,6 +1133,7 @@ def main(items: Sequence[Benchmark | Study], *, name: str, description: str = ""
   ctx = Context(args=args, quick=args.quick, rng=np.random.default_rng(args.seed),
                 seed=args.seed, out=out)
   load_start = load_average()
+  git_start = _git()  # the code that ran, even if the checkout changes during a long run
   payload: dict[str, Any] = {
       "schema": SCHEMA, "experiment": name + suffix,
       "command": shlex.join(["python", "-m", f"experiments.{name}",
@@ -1156,6 +1157,7 @@ def main(items: Sequence[Benchmark | Study], *, name: str, description: str = ""
         print(item.summary(result))
   env = environment()
   env["load_average"] = {"start": load_start, "end": env["load_average"]}
+  env["git"] = git_start
   payload["environment"] = env
   payload["warnings"] = _noise_warnings(payload)
   payload["noisy"] = bool(payload["warnings"])
