@@ -68,7 +68,8 @@ JSON layout (`SCHEMA`), one file per run, `OUT/NAME.json` (`NAME_sync.json` with
      "checks_passed": bool, "noisy": bool, "warnings": [str]}
 
 ROW, one per (grid point, candidate): the point's keys (e.g. "n", "d"), then
-`candidate`, `status` ("ok", "check failed", "skipped"), `median_s`, `q1_s`, `q3_s`,
+`candidate`, `status` ("ok", "check failed", "skipped" where `when` excludes the point,
+"unavailable" with a `reason` where an optional library is missing), `median_s`, `q1_s`, `q3_s`,
 `min_s`, `samples_s` (every sample), `calls_per_sample`, `spread` ((q3 - q1) / median),
 `noisy`, `load`, `rate` (work / median, in `rate_unit`, or null), `speedup` (baseline
 median / this median, or null), `error` (the check's error, or null), `peak_bytes`,
@@ -523,8 +524,10 @@ def _git() -> dict[str, Any] | None:
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                             text=True, check=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, check=True, timeout=10).stdout
+    # Only the code that runs counts: an edited README does not change a timing.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "jaxsim", "experiments"], cwd=root, capture_output=True, text=True,
+                           check=True, timeout=10).stdout
   except (OSError, subprocess.SubprocessError):
     return None
   return {"commit": commit, "dirty": bool(dirty.strip())}
@@ -620,11 +623,24 @@ def _jsonable(obj):
   raise TypeError(f"Not JSON serialisable: {type(obj).__name__}")
 
 
+def _finite(obj):
+  """Non-finite floats as the strings "nan", "inf", "-inf": JSON has no literal for them."""
+  if isinstance(obj, float) and not np.isfinite(obj):
+    return str(obj)
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  return obj
+
+
 def write_json_atomic(path: Path, payload: Any) -> Path:
   """Writes JSON through a temporary file and a rename: never a half-written file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(payload, indent=1, default=_jsonable, allow_nan=False) + "\n")
+  text = json.dumps(_finite(json.loads(json.dumps(payload, default=_jsonable))), indent=1,
+                    allow_nan=False)
+  tmp.write_text(text + "\n")
   os.replace(tmp, path)
   return path
 
@@ -723,22 +739,33 @@ def run(bench: Benchmark, ctx: Context) -> dict:
   cands = _selected(bench.candidates, args.candidates)
   opts = _timing_options(bench, args)
   rows: list[dict] = []
-  total = sum(len(cands) for _ in points) * opts["repeats"]
+  total = len(points) * len(cands) * opts["repeats"]
   cores = cpu_count()
   with _progress_bar(total, bench.name) as bar:
     for point in points:
       case = bench.setup(point, ctx)
       active = [c for c in cands if c.when is None or c.when(point)]
-      fns = {}
+      fns, outputs, unavailable = {}, {}, {}
       for c in active:
-        arg = case if c.prepare is None else c.prepare(case)
-        fns[c.name] = (lambda call=c.call, arg=arg: call(arg))
+        # An optional library that is not installed (faiss, torch, scikit-learn) makes
+        # its candidate unavailable, not the run fail; any other error is a real one.
+        try:
+          arg = case if c.prepare is None else c.prepare(case)
+          fn = (lambda call=c.call, arg=arg: call(arg))
+          out = fn()
+        except ImportError as err:
+          unavailable[c.name] = f"{type(err).__name__}: {err}"
+          continue
+        fns[c.name] = fn
+        if bench.check is not None:
+          outputs[c.name] = (c.output or to_numpy)(out)
+        del out
       errors: dict[str, float] = {}
-      if bench.check is not None and fns:
-        outputs = {c.name: (c.output or to_numpy)(fns[c.name]()) for c in active}
+      if bench.check is not None and outputs:
         errors = bench.check(case, outputs)
-        del outputs
-      failed = {n for n, e in errors.items() if not e <= bench.tolerance}
+      # A candidate the check did not score fails too: nothing is timed unchecked.
+      failed = {n for n in outputs if not errors.get(n, float("nan")) <= bench.tolerance}
+      outputs.clear()
       timed = {n: f for n, f in fns.items() if n not in failed}
       load = load_average()
       timings = compare(timed, on_sample=bar.update, **opts) if timed else {}
@@ -747,8 +774,13 @@ def run(bench: Benchmark, ctx: Context) -> dict:
       base = timings.get(bench.baseline)
       for c in cands:
         row = {**point, "candidate": c.name}
+        if c.name in unavailable:
+          rows.append({**row, "status": "unavailable", "reason": unavailable[c.name]})
+          bar.update(opts["repeats"])
+          continue
         if c.name not in fns:
           rows.append({**row, "status": "skipped"})
+          bar.update(opts["repeats"])
           continue
         row["error"] = errors.get(c.name)
         if c.name in failed:
@@ -817,7 +849,7 @@ def judge(target: Target, rows: list[dict]) -> dict:
 _ROW_FIELDS = frozenset({
     "candidate", "status", "median_s", "q1_s", "q3_s", "min_s", "samples_s",
     "calls_per_sample", "spread", "noisy", "load", "rate", "speedup", "error", "peak_bytes",
-    "peak_how"})
+    "peak_how", "reason"})
 
 
 # --------------------------------------------------------------------------- printing
@@ -832,7 +864,8 @@ def table_rows(section: Mapping[str, Any]) -> list[dict]:
     point = {k: r[k] for k in r if k in varying}
     row = {**point, "candidate": r["candidate"]}
     if r["status"] != "ok":
-      row["time"] = "skipped" if r["status"] == "skipped" else "CHECK FAILED"
+      row["time"] = {"skipped": "skipped", "unavailable": "not installed"}.get(r["status"],
+                                                                             "CHECK FAILED")
       out.append(row)
       continue
     row["time"] = fmt_seconds(r["median_s"])
@@ -919,12 +952,13 @@ def _noise_warnings(payload: Mapping[str, Any]) -> list[str]:
   warnings = []
   cores = payload["environment"].get("cpu_affinity") or 1
   for name, sec in payload["benchmarks"].items():
-    noisy = [r for r in sec["rows"] if r.get("noisy")]
+    timed = [r for r in sec["rows"] if r["status"] == "ok"]
+    noisy = [r for r in timed if r["noisy"]]
     if noisy:
       worst = max(noisy, key=lambda r: r["spread"])
       load = max((r["load"] for r in noisy if r.get("load") is not None), default=None)
       warnings.append(
-          f"warning: {len(noisy)} of {len(sec['rows'])} {name} timings are noisy (IQR above "
+          f"warning: {len(noisy)} of {len(timed)} {name} timings are noisy (IQR above "
           f"{100 * NOISY_SPREAD:.0f}% of the median, or load average above {cores} cores; "
           f"worst IQR {100 * worst['spread']:.0f}% for {worst['candidate']}"
           + (f", load up to {load:.2f}" if load is not None else "")
@@ -1037,7 +1071,7 @@ def _grid_override(text: str) -> tuple[str, list]:
 def parser(description: str, items: Sequence[Benchmark | Study] = ()) -> argparse.ArgumentParser:
   """The options every experiment takes."""
   names = ", ".join(i.name for i in items)
-  p = argparse.ArgumentParser(description=description.strip().splitlines()[0],
+  p = argparse.ArgumentParser(description=(description.strip() or "An experiment.").splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="results", help="folder for the JSON and PNG files")
   p.add_argument("--quick", action="store_true", help="small grid, about a minute on 2 CPUs")
@@ -1099,6 +1133,7 @@ def main(items: Sequence[Benchmark | Study], *, name: str, description: str = ""
   ctx = Context(args=args, quick=args.quick, rng=np.random.default_rng(args.seed),
                 seed=args.seed, out=out)
   load_start = load_average()
+  git_start = _git()  # the code that ran, even if the checkout changes during a long run
   payload: dict[str, Any] = {
       "schema": SCHEMA, "experiment": name + suffix,
       "command": shlex.join(["python", "-m", f"experiments.{name}",
@@ -1122,6 +1157,7 @@ def main(items: Sequence[Benchmark | Study], *, name: str, description: str = ""
         print(item.summary(result))
   env = environment()
   env["load_average"] = {"start": load_start, "end": env["load_average"]}
+  env["git"] = git_start
   payload["environment"] = env
   payload["warnings"] = _noise_warnings(payload)
   payload["noisy"] = bool(payload["warnings"])

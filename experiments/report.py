@@ -80,7 +80,8 @@ def _rows(payload, bench: str) -> list[dict]:
 
 def _cell(row: dict | None, fmt: Callable[[dict], str]) -> str:
   if row is None or row.get("status") != "ok":
-    return "-" if row is None or row.get("status") == "skipped" else "check failed"
+    status = None if row is None else row.get("status")
+    return {None: "-", "skipped": "-", "unavailable": "not installed"}.get(status, "check failed")
   return fmt(row) + (f" {NOISY}" if row.get("noisy") else "")
 
 
@@ -186,9 +187,10 @@ def search(results: Path) -> str | None:
   parts = []
   if rows:
     r0 = rows[0]
+    worst = max((r.get("error") or 0.0 for r in rows if r["status"] == "ok"), default=0.0)
     parts += [f"Exact top-{r0['k']} cosine search, {r0['queries']} queries, d={r0['d']}, "
               f"queries per second (every candidate's top-{r0['k']} recall against float64 "
-              f"is at least {1 - max(r.get('error') or 0 for r in rows):.3f}):", "",
+              f"is at least {1 - worst:.3f}):", "",
               pivot(rows, "n", lambda r: f"{r['rate']:,.0f}", key_label="corpus n",
                     key_fmt=lambda n: f"{n:,}")]
   self_rows = _rows(p, "self_topk")
