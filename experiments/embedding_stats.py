@@ -23,15 +23,16 @@ Run: `python -m experiments.embedding_stats --out results` (the whole table), or
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from experiments import data, harness
+from experiments.harness import Study
 
 NAME = "embedding_stats"
 CHECK_ROWS = 600
@@ -73,21 +74,32 @@ def histogram_median(hist: np.ndarray, edges: np.ndarray) -> float:
   return float(edges[i] + inside * (edges[i + 1] - edges[i]))
 
 
+_COMPILED: dict = {}
+
+
 def streamed_stats(x: np.ndarray, *, bins: int, block_size: int | None) -> tuple[dict, dict]:
-  """`similarity_stats` over all pairs i < j, compile and run timed apart."""
+  """`similarity_stats` over all pairs i < j, compile and run timed apart.
+
+  The compiled program is kept per shape, so the Gaussian control of the same shape
+  reuses the table's (its `compile_s` is then 0).
+  """
   import jaxsim
 
   arr = jnp.asarray(x)
-  fn = jax.jit(lambda a: jaxsim.similarity_stats(a, bins=bins, block_size=block_size))
+  key = (arr.shape, str(arr.dtype), bins, block_size)
   t0 = time.perf_counter()
-  compiled = fn.lower(arr).compile()
+  if key not in _COMPILED:
+    fn = jax.jit(lambda a: jaxsim.similarity_stats(a, bins=bins, block_size=block_size))
+    _COMPILED[key] = fn.lower(arr).compile()
+  compiled = _COMPILED[key]
   t1 = time.perf_counter()
   stats = jax.block_until_ready(compiled(arr))
   t2 = time.perf_counter()
-  memory = harness.compiled_memory(fn, arr)
+  memory = compiled.memory_analysis()
   n = len(x)
   timing = {"compile_s": t1 - t0, "run_s": t2 - t1, "pairs_per_s": n * (n - 1) / 2 / (t2 - t1),
-            "temp_bytes": memory.get("temp_bytes"), "dense_matrix_bytes": 4 * n * n}
+            "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+            "dense_matrix_bytes": 4 * n * n}
   return summary(stats), timing
 
 
@@ -176,7 +188,14 @@ def plot(results: dict, out) -> Path:
   return harness.save_figure(fig, out, NAME)
 
 
-def print_report(results: dict) -> None:
+def report(results: dict) -> str:
+  """The summary printed after the run: the statistics table, then the opposite tokens."""
+  check = results["check"]
+  lines = [f"similarity_stats against float64 numpy on {check['rows']} rows: "
+           f"{'agrees' if check['passed'] else 'DISAGREES'} ("
+           + ", ".join(f"{k} {v:.2g}" for k, v in check["errors"].items()) + ")"]
+  if "table" not in results:
+    return "\n".join(lines + ["statistics not computed"])
   rows = []
   for key, label in (("table", results["table_name"]), ("random", "Gaussian control")):
     s, t = results[key], results["timing"][key]
@@ -186,30 +205,25 @@ def print_report(results: dict) -> None:
                  "min": s["min"], "max": s["max"], "run s": t["run_s"],
                  "compile s": t["compile_s"]})
   n, d = results["shape"]
-  print(f"\nAll pairs i < j of {n:,} x {d} rows, streamed "
-        f"(the dense matrix would be {4 * n * n / 2**30:.2f} GiB; "
-        f"XLA temp {results['timing']['table']['temp_bytes'] / 2**20:.1f} MiB)")
-  print(harness.format_table(rows))
+  lines.append(f"All pairs i < j of {n:,} x {d} rows, streamed "
+               f"(the dense matrix would be {harness.fmt_bytes(4 * n * n)}; "
+               f"XLA temporaries {harness.fmt_bytes(results['timing']['table']['temp_bytes'])})")
+  lines.append(harness.format_table(rows))
   opp = results["opposed"]
   if opp:
-    print(f"\nTokens most opposed to {opp['token']!r} (row {opp['index']}), whole table:")
-    print("  " + ", ".join(f"{r['token']} ({r['cosine']:+.3f})" for r in opp["most_negative"]))
-    print("Most similar, for comparison:")
-    print("  " + ", ".join(f"{r['token']} ({r['cosine']:+.3f})" for r in opp["most_similar"]))
+    lines.append(f"Tokens most opposed to {opp['token']!r} (row {opp['index']}), whole table:")
+    lines.append("  " + ", ".join(f"{r['token']} ({r['cosine']:+.3f})"
+                                  for r in opp["most_negative"]))
+    lines.append("Most similar, for comparison:")
+    lines.append("  " + ", ".join(f"{r['token']} ({r['cosine']:+.3f})"
+                                  for r in opp["most_similar"]))
+  return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-  p = harness.parser(__doc__.splitlines()[0])
-  p.add_argument("--table", help=".npy or .safetensors table (default: MiniLM token table)")
-  p.add_argument("--vocab", help="text file, one token per line, for --table")
-  p.add_argument("--max-rows", type=int,
-                 help=f"a seeded random subset of this many rows (--quick: {QUICK_ROWS})")
-  p.add_argument("--token", default="good", help="token (or row index) to find opposites of")
-  p.add_argument("--top", type=int, default=10, help="how many opposite tokens to list")
-  p.add_argument("--bins", type=int, default=200)
-  p.add_argument("--block-size", type=int, default=None, help="corpus rows per streamed block")
-  args = p.parse_args(argv)
-  rng = np.random.default_rng(args.seed)
+def run(ctx: harness.Context) -> dict:
+  """Checks `similarity_stats`, then streams all pairs of the table and of a Gaussian control."""
+  args = ctx.args
+  rng = ctx.rng
   x, words, table_name = load(args.table, args.vocab)
   max_rows = args.max_rows or (QUICK_ROWS if args.quick else None)
   rows = np.arange(len(x))
@@ -218,21 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = np.sort(rng.choice(len(x), size=max_rows, replace=False))
   sub = x[rows]
   control = rng.standard_normal(sub.shape, dtype=np.float32)
-
   checks = check(x, bins=args.bins, rng=rng)
-  print(f"similarity_stats vs float64 numpy on {checks['rows']} rows: "
-        f"{'passed' if checks['passed'] else 'FAILED'} "
-        f"({', '.join(f'{k} {v:.2g}' for k, v in checks['errors'].items())})")
   results = {"table_name": table_name, "shape": list(sub.shape), "full_shape": list(x.shape),
              "rows_subset": max_rows is not None and max_rows < len(x), "bins": args.bins,
              "check": checks}
   if not checks["passed"]:
-    harness.write_json(args.out, NAME, results)
-    print("correctness check failed: statistics not computed", file=sys.stderr)
-    raise SystemExit(1)
-
+    return results
   timing = {}
-  for key in harness.progress(["table", "random"], "all pairs"):
+  for key in tqdm(["table", "random"], desc="all pairs", disable=None, leave=False):
     results[key], timing[key] = streamed_stats(sub if key == "table" else control,
                                                bins=args.bins, block_size=args.block_size)
   results["timing"] = timing
@@ -248,13 +255,31 @@ def main(argv: list[str] | None = None) -> dict:
   results["opposed"] = None
   if args.top > 0:
     results["opposed"] = most_opposed(x, words, args.token, args.top)
-  print_report(results)
-  paths = [plot(results, args.out), harness.write_json(args.out, NAME, results)]
-  print("\nwrote " + ", ".join(str(p) for p in paths))
-  if not checks["passed"]:
-    print("pair counts are inconsistent: see the JSON", file=sys.stderr)
-    raise SystemExit(1)
   return results
+
+
+def _arguments(p) -> None:
+  p.add_argument("--table", help=".npy or .safetensors table (default: MiniLM token table)")
+  p.add_argument("--vocab", help="text file, one token per line, for --table")
+  p.add_argument("--max-rows", type=int,
+                 help=f"a seeded random subset of this many rows (--quick: {QUICK_ROWS})")
+  p.add_argument("--token", default="good", help="token (or row index) to find opposites of")
+  p.add_argument("--top", type=int, default=10, help="how many opposite tokens to list")
+  p.add_argument("--bins", type=int, default=200)
+  p.add_argument("--block-size", type=int, default=None, help="corpus rows per streamed block")
+
+
+STUDY = Study(
+    name="token_cosines",
+    title="Sign of the cosine over all pairs of an embedding table, against a Gaussian table",
+    run=run, summary=report,
+    plot=lambda res, out: [plot(res, out)] if "table" in res else [],
+    passed=lambda res: res["check"]["passed"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+  return harness.main([STUDY], name=NAME, description=__doc__, argv=argv,
+                      add_arguments=_arguments)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,31 @@
 """Exact top-k cosine search: jaxsim.topk against faiss, torch, scikit-learn and XLA's matmul.
 
-The main point is the issue's: 1024 queries, top-10 by cosine, against a corpus of
-100,000 x 384 float32 rows; a sweep over the corpus size puts it in context. All
-candidates are timed side by side, round-robin (`harness.compare`), in one run.
+Two parts:
 
-Candidates (queries `q`, corpus `c`, both float32 rows normalised once beforehand,
-outside the timing; jaxsim and torch normalise again inside, as their users'
-calls would):
-- "jaxsim.topk": `jaxsim.topk(q, c, k)`, exact, blocked (the `q x n` matrix is never
-  built), block sizes from `--block-size` / `--query-block-size` or the library's
-  defaults;
-- "faiss IndexFlatIP": exact inner-product search on the normalised rows (the index is
-  built outside the timing), faiss-cpu's own threads;
-- "torch chunked (ST style)": sentence-transformers' `semantic_search` recipe: query
-  chunks of 100, corpus chunks of 500,000, cosine by normalise + `torch.mm`, per-chunk
-  `torch.topk`, merged with another `topk` (vectorised rather than ST's Python heap);
-  torch's default thread count;
-- "sklearn brute": `NearestNeighbors(algorithm="brute", metric="cosine")`, fitted
-  outside the timing;
-- "xla matmul (rate limit)": `jax.jit(lambda a, b: a @ b.T)` on the normalised rows,
-  the full `q x n` score matrix and nothing else: the matmul rate a top-k can at best
-  approach.
+1. `search`: 1024 queries, top-10 by cosine, against corpora of 10,000 to 100,000 x 384
+   float32 rows. Candidates (queries and corpus normalised once beforehand, outside
+   the timing; jaxsim and torch normalise again inside, as their users' calls would):
+   - "jaxsim.topk": exact, blocked (the `q x n` matrix is never built);
+   - "faiss IndexFlatIP": exact inner-product search, the index built untimed;
+   - "torch chunked matmul + topk": sentence-transformers' `semantic_search` recipe
+     (query chunks of 100, corpus chunks of 500,000, normalise + `torch.mm`, per-chunk
+     `torch.topk`, merged with another `topk`);
+   - "sklearn brute": `NearestNeighbors(algorithm="brute", metric="cosine")`, fitted
+     untimed;
+   - "XLA matmul (no top-k)": `jax.jit(lambda a, b: a @ b.T)`, the full score matrix and
+     nothing else: the matmul rate a top-k can at best approach.
+   Every candidate's indices are compared with the exact float64 top-k (recall@k);
+   goals: jaxsim >= 1.3x faiss's throughput and >= 0.9x the raw matmul's.
+2. `self_topk`: the k nearest rows of every row of one set, streamed, at sizes where
+   the N x N matrix would not fit, against the dense route (`jaxsim.cosine`, then
+   `lax.top_k`) while its matrix stays under 512 MiB; XLA's planned memory of
+   the dense route is reported where it is not run.
 
-Agreement: every candidate's indices are compared with faiss's (the share of queries
-whose top-k sets are identical, and recall@k), and jaxsim's also with an exact float32
-brute force (`lax.top_k` of the raw matmul), order included. On real embeddings a few
-near-ties (scores equal to float32 rounding) can order differently between libraries.
-
-Targets from the issue on a 2-core CPU: jaxsim >= 1.3x faiss's throughput and >= 0.9x
-the raw matmul rate. The script reports both ratios and whether they were met.
+`--data minilm` uses the all-MiniLM-L6-v2 token table (30,522 x 384) as the corpus
+and its first rows as queries instead of random data.
 
 Run: `python -m experiments.search_bench --out results` (a few minutes on 2 CPUs), or
-`--quick` (under a minute). `--data minilm` uses the all-MiniLM-L6-v2 token table
-(30,522 x 384) as the corpus and its first rows as queries instead of random data.
+`--quick` (under a minute).
 """
 
 from __future__ import annotations
@@ -41,14 +34,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxsim
 from experiments import harness
+from experiments.harness import Benchmark, Candidate, Grid, Target
 
 NAME = "search_bench"
 JAXSIM = "jaxsim.topk"
 FAISS = "faiss IndexFlatIP"
-TORCH = "torch chunked (ST style)"
+TORCH = "torch chunked matmul + topk"
 SKLEARN = "sklearn brute"
-RAW = "xla matmul (rate limit)"
+RAW = "XLA matmul (no top-k)"
+DENSE = "jaxsim.cosine + lax.top_k"
+K = 10
+# Share of the k true neighbours a candidate may miss: random float32 data has a near
+# tie at the k-th place for about one query in a thousand.
+RECALL_TOLERANCE = 2e-3
+# The dense self top-k runs while its N x N float32 matrix fits in this.
+DENSE_MAX_BYTES = 2**29
+CHECK_QUERIES = 1024
 
 
 def _normalise(a: np.ndarray) -> np.ndarray:
@@ -56,15 +59,46 @@ def _normalise(a: np.ndarray) -> np.ndarray:
   return (a / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def _data(args, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  if args.data == "minilm":
+def setup(point: dict, ctx: harness.Context) -> harness.Case:
+  n, q, d = point["n"], point["queries"], point["d"]
+  if ctx.args.data == "minilm":
     from experiments import data
 
     table = data.minilm_token_table()[:n]
-    return _normalise(table[:args.queries]), _normalise(table)
-  queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
-  corpus = rng.standard_normal((n, args.dim), dtype=np.float32)
-  return _normalise(queries), _normalise(corpus)
+    queries, corpus = _normalise(table[:q]), _normalise(table)
+  else:
+    queries = _normalise(ctx.rng.standard_normal((q, d), dtype=np.float32))
+    corpus = _normalise(ctx.rng.standard_normal((n, d), dtype=np.float32))
+  return harness.Case(q=queries, c=corpus, qj=jnp.asarray(queries), cj=jnp.asarray(corpus),
+                      k=point["k"], args=ctx.args)
+
+
+def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int) -> np.ndarray:
+  """float64 top-k indices by cosine, in query chunks to bound memory."""
+  c64 = corpus.astype(np.float64)
+  c64 /= np.maximum(np.linalg.norm(c64, axis=1, keepdims=True), 1e-300)
+  out = []
+  for s in range(0, len(queries), 128):
+    q64 = queries[s:s + 128].astype(np.float64)
+    scores = q64 @ c64.T
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    out.append(np.take_along_axis(part, order, axis=1))
+  return np.concatenate(out)
+
+
+def recall_check(case: harness.Case, outputs: dict) -> dict:
+  """1 - recall@k of each candidate's indices against the float64 top-k.
+
+  Over at most `CHECK_QUERIES` queries (a seeded sample of a larger set).
+  """
+  rows = np.arange(len(case.q))
+  if len(rows) > CHECK_QUERIES:  # a seeded sample keeps the float64 reference cheap
+    rows = np.sort(np.random.default_rng(0).choice(len(rows), CHECK_QUERIES, replace=False))
+  ref = exact_topk(case.q[rows], case.c, case.k)
+  return {name: 1.0 - float(np.mean([len(set(a) & set(b)) / case.k
+                                     for a, b in zip(np.asarray(idx)[rows], ref, strict=True)]))
+          for name, idx in outputs.items()}
 
 
 def _torch_st(queries, corpus, k, query_chunk=100, corpus_chunk=500_000):
@@ -85,142 +119,121 @@ def _torch_st(queries, corpus, k, query_chunk=100, corpus_chunk=500_000):
   return torch.cat(best_s), torch.cat(best_i)
 
 
-def _candidates(args, queries, corpus):
+def _faiss(c: harness.Case):
   import faiss
+
+  index = faiss.IndexFlatIP(c.c.shape[1])
+  index.add(c.c)
+  return harness.Case(index=index, q=c.q, k=c.k)
+
+
+def _torch_inputs(c: harness.Case):
   import torch
+
+  return harness.Case(q=torch.from_numpy(c.q), c=torch.from_numpy(c.c), k=c.k)
+
+
+def _sklearn(c: harness.Case):
   from sklearn.neighbors import NearestNeighbors
 
-  import jaxsim
-
-  k = args.k
-  qj, cj = jnp.asarray(queries), jnp.asarray(corpus)
-  index = faiss.IndexFlatIP(corpus.shape[1])
-  index.add(corpus)
-  qt, ct = torch.from_numpy(queries), torch.from_numpy(corpus)
-  raw = jax.jit(lambda a, b: a @ b.T)
-  fns = {
-      JAXSIM: lambda: jaxsim.topk(qj, cj, k, block_size=args.block_size,
-                                  query_block_size=args.query_block_size),
-      FAISS: lambda: index.search(queries, k),
-      TORCH: lambda: _torch_st(qt, ct, k),
-      RAW: lambda: raw(qj, cj),
-  }
-  if not args.no_sklearn:
-    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(corpus)
-    fns[SKLEARN] = lambda: nn.kneighbors(queries)
-  return fns
+  nn = NearestNeighbors(n_neighbors=c.k, algorithm="brute", metric="cosine").fit(c.c)
+  return harness.Case(nn=nn, q=c.q)
 
 
-def _indices(name, out):
-  if name == JAXSIM:
-    return np.asarray(out[1])
-  if name == FAISS:
-    return out[1]
-  if name == TORCH:
-    return out[1].numpy()
-  if name == SKLEARN:
-    return out[1]
-  raise ValueError(name)
+_raw = jax.jit(lambda a, b: a @ b.T)
+_top_indices = jax.jit(lambda s, k: jax.lax.top_k(s, k)[1], static_argnums=1)
 
 
-def _agreement(idx: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-  k = ref.shape[1]
-  same_set = [set(a) == set(b) for a, b in zip(idx, ref, strict=True)]
-  recall = [len(set(a) & set(b)) / k for a, b in zip(idx, ref, strict=True)]
-  return {"identical_sets": float(np.mean(same_set)), "recall": float(np.mean(recall)),
-          "identical_order": float(np.mean(np.all(idx == ref, axis=1)))}
+def _indices(out) -> np.ndarray:
+  return np.asarray(harness.to_numpy(out)[1])
 
 
-def run_size(args, n: int, rng: np.random.Generator) -> dict:
-  queries, corpus = _data(args, n, rng)
-  n = corpus.shape[0]
-  fns = _candidates(args, queries, corpus)
-  outs = {name: fn() for name, fn in fns.items()}
-  faiss_idx = outs[FAISS][1]
-  agreement = {name: _agreement(_indices(name, out), faiss_idx)
-               for name, out in outs.items() if name not in (RAW, FAISS)}
-  exact = jax.jit(lambda s: jax.lax.top_k(s, args.k)[1])(outs[RAW])
-  agreement[JAXSIM + " vs float32 brute force"] = _agreement(np.asarray(outs[JAXSIM][1]),
-                                                             np.asarray(exact))
-  del outs
-  timings = harness.compare(fns, repeats=args.repeats, warmup=1)
-  q = queries.shape[0]
-  row = {"n": n, "queries": q, "dim": corpus.shape[1], "k": args.k,
-         "timings_s": {name: dict(t) for name, t in timings.items()},
-         "queries_per_s": {name: q / t.median for name, t in timings.items()},
-         "agreement_with_faiss": agreement}
-  row["jaxsim_over_faiss"] = timings[FAISS].median / timings[JAXSIM].median
-  row["jaxsim_over_raw_matmul"] = timings[RAW].median / timings[JAXSIM].median
-  return row
+SEARCH = Benchmark(
+    name="search",
+    title=f"Exact top-{K} cosine search: queries against a corpus of n rows, float32",
+    grid=Grid(quick={"n": [5_000, 20_000], "queries": [256], "d": [384], "k": [K]},
+              full={"n": [10_000, 30_000, 100_000], "queries": [1024], "d": [384], "k": [K]}),
+    setup=setup,
+    candidates=[
+        Candidate(JAXSIM, lambda c: jaxsim.topk(c.qj, c.cj, c.k, block_size=c.args.block_size),
+                  output=_indices),
+        Candidate(FAISS, lambda f: f.index.search(f.q, f.k), prepare=_faiss, output=_indices),
+        Candidate(TORCH, lambda t: _torch_st(t.q, t.c, t.k), prepare=_torch_inputs,
+                  output=_indices),
+        Candidate(SKLEARN, lambda s: s.nn.kneighbors(s.q), prepare=_sklearn,
+                  output=lambda out: np.asarray(out[1]),
+                  when=lambda p: p["n"] * p["queries"] <= 2**28),
+        Candidate(RAW, lambda c: _raw(c.qj, c.cj), style={"color": "k", "ls": "--"},
+                  output=lambda s: np.asarray(_top_indices(s, K))),
+    ],
+    check=recall_check,
+    tolerance=RECALL_TOLERANCE,
+    work=lambda p: p["queries"], rate_unit="queries/s",
+    baseline=FAISS,
+    targets=[Target(JAXSIM, FAISS, at_least=1.3), Target(JAXSIM, RAW, at_least=0.9)],
+    timing={"warmup": 1},
+    note=f"x {FAISS}: faiss's time / this row's time (above 1: faster than faiss); the check "
+         "is 1 - recall@k against float64",
+)
 
 
-def _plot(rows, out):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  ns = [r["n"] for r in rows]
-  for name in rows[0]["queries_per_s"]:
-    ax1.plot(ns, [r["queries_per_s"][name] for r in rows], marker="o", label=name)
-  ax1.set(xscale="log", yscale="log", xlabel="corpus rows n", ylabel="queries / s",
-          title=f"exact top-{rows[0]['k']} cosine, {rows[0]['queries']} queries, "
-                f"d={rows[0]['dim']}")
-  ax1.legend(fontsize=8)
-  ax2.plot(ns, [r["jaxsim_over_faiss"] for r in rows], marker="o", label="jaxsim / faiss")
-  ax2.plot(ns, [r["jaxsim_over_raw_matmul"] for r in rows], marker="o",
-           label="jaxsim / raw matmul")
-  ax2.axhline(1.3, ls="--", c="C0", lw=0.8, label="target vs faiss (1.3)")
-  ax2.axhline(0.9, ls="--", c="C1", lw=0.8, label="target vs matmul (0.9)")
-  ax2.set(xscale="log", xlabel="corpus rows n", ylabel="throughput ratio",
-          title="jaxsim.topk relative throughput")
-  ax2.legend(fontsize=8)
-  return harness.save_figure(fig, out, NAME)
+def self_setup(point: dict, ctx: harness.Context) -> harness.Case:
+  x = ctx.rng.standard_normal((point["n"], point["d"]), dtype=np.float32)
+  return harness.Case(q=x, c=x, qj=jnp.asarray(x), k=point["k"], args=ctx.args)
 
 
-def main(argv=None):
-  p = harness.parser(__doc__.splitlines()[0])
-  p.add_argument("--queries", type=int, default=1024)
-  p.add_argument("--dim", type=int, default=384)
-  p.add_argument("--k", type=int, default=10)
-  p.add_argument("--n", type=int, default=100_000, help="corpus rows of the main point")
-  p.add_argument("--sweep", type=int, nargs="*", default=[10_000, 30_000],
-                 help="further corpus sizes")
+def _dense(x, k):
+  return jax.lax.top_k(jaxsim.cosine(x, x), k)
+
+
+_dense_jit = jax.jit(_dense, static_argnums=1)
+_self_jit = jax.jit(lambda x, k: jaxsim.topk(x, x, k), static_argnums=1)
+
+
+def _dense_fits(point: dict) -> bool:
+  return 4 * point["n"] ** 2 <= DENSE_MAX_BYTES
+
+
+def planned_dense_memory(rows: list[dict]) -> dict:
+  """XLA's planned bytes for the dense route where it was too big to run."""
+  planned = {}
+  for r in rows:
+    if r["candidate"] == DENSE and r["status"] == "skipped":
+      spec = jax.ShapeDtypeStruct((r["n"], r["d"]), jnp.float32)
+      planned[str(r["n"])] = harness.xla_peak_bytes(_dense_jit, spec, r["k"])
+  text = "\n".join(f"  n={n}: the dense route would need {harness.fmt_bytes(b)} (XLA's plan, "
+                   "not run)" for n, b in planned.items())
+  return {"dense_planned_bytes": planned, "text": text}
+
+
+SELF_TOPK = Benchmark(
+    name="self_topk",
+    title=f"Top-{K} nearest rows of every row of n x 128 rows, streamed vs dense",
+    grid=Grid(quick={"n": [4096, 16384], "d": [128], "k": [K]},
+              full={"n": [8192, 16384, 32768], "d": [128], "k": [K]}),
+    setup=self_setup,
+    candidates=[
+        Candidate(JAXSIM, lambda c: jaxsim.topk(c.qj, c.qj, c.k), output=_indices,
+                  memory=lambda c: harness.xla_peak_bytes(_self_jit, c.qj, c.k)),
+        Candidate(DENSE, lambda c: _dense_jit(c.qj, c.k), output=_indices,
+                  when=_dense_fits,
+                  memory=lambda c: harness.xla_peak_bytes(_dense_jit, c.qj, c.k)),
+    ],
+    check=recall_check, tolerance=RECALL_TOLERANCE,
+    work=lambda p: 2.0 * p["n"] ** 2 * p["d"] / 1e9, rate_unit="GFLOP/s",
+    memory=True, analyse=planned_dense_memory, timing={"warmup": 1, "min_sample_s": 0.0},
+)
+BENCHMARKS = [SEARCH, SELF_TOPK]
+
+
+def _arguments(p) -> None:
   p.add_argument("--data", choices=("random", "minilm"), default="random")
-  p.add_argument("--block-size", type=int, default=None)
-  p.add_argument("--query-block-size", type=int, default=None)
-  p.add_argument("--no-sklearn", action="store_true", help="skip the slowest candidate")
-  args = p.parse_args(argv)
-  if args.quick:
-    args.queries, args.n, args.sweep = min(args.queries, 256), 20_000, [5_000]
-    args.repeats = min(args.repeats, 3)
-  sizes = sorted(set(args.sweep) | {args.n})
-  if args.data == "minilm":
-    sizes = sorted({min(s, 30_522) for s in sizes})
-  rng = np.random.default_rng(args.seed)
-  rows = [run_size(args, n, rng) for n in harness.progress(sizes, "corpus sizes")]
+  p.add_argument("--block-size", type=int, default=None, help="jaxsim.topk corpus block rows")
 
-  table = []
-  for r in rows:
-    for name, qps in r["queries_per_s"].items():
-      t = r["timings_s"][name]
-      agree = r["agreement_with_faiss"].get(name, {})
-      table.append({"n": r["n"], "candidate": name, "median_s": t["median"],
-                    "q1_s": t["q1"], "q3_s": t["q3"], "queries/s": qps,
-                    "same top-k set as faiss": agree.get("identical_sets", "")})
-  print(harness.format_table(table))
-  print()
-  for r in rows:
-    exact = r["agreement_with_faiss"][JAXSIM + " vs float32 brute force"]
-    print(f"n={r['n']}: jaxsim/faiss = {r['jaxsim_over_faiss']:.2f}x (target >= 1.3: "
-          f"{'met' if r['jaxsim_over_faiss'] >= 1.3 else 'NOT met'}), jaxsim/raw matmul = "
-          f"{r['jaxsim_over_raw_matmul']:.2f}x (target >= 0.9: "
-          f"{'met' if r['jaxsim_over_raw_matmul'] >= 0.9 else 'NOT met'}); "
-          f"jaxsim = float32 brute force (order included) for "
-          f"{exact['identical_order']:.1%} of queries")
-  path = harness.write_json(args.out, NAME, {"args": vars(args), "rows": rows})
-  print(f"wrote {path} and {_plot(rows, args.out)}")
+
+def main(argv: list[str] | None = None) -> dict:
+  return harness.main(BENCHMARKS, name=NAME, description=__doc__, argv=argv,
+                      add_arguments=_arguments)
 
 
 if __name__ == "__main__":

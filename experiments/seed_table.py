@@ -1,48 +1,61 @@
-"""The seed benchmark, reproduced: seven ways to compute all-pairs cosine at N=50, D=64.
+"""Small inputs: the original blog post's table at N=50, D=64, and what JAX's dispatch costs there.
 
-The seed post ("I accidentally implemented the fastest pairwise cosine similarity
-function") timed loops, scikit-learn, a numpy matrix version and its `torch.mm`
-function on one `(50, 64)` uniform random matrix. This script times the same seven
-candidates plus `jaxsim.cosine`, each called as a user would call it (eager, result
-ready), side by side with the shared harness.
+The post this project started from ("I accidentally implemented the fastest pairwise
+cosine similarity function") timed Python loops, scikit-learn, a numpy matrix version
+and a `torch.mm` function on one `(50, 64)` uniform random matrix. Three parts:
 
-Differences from the seed's code, each deliberate:
-- every loop writes its own output; the seed reused one `zeros` buffer for all three
+1. `post_table`: those candidates plus `jaxsim.cosine`, each called as a user would
+   (eager, result ready), and a bare `jax.jit` matmul of the same shape: the least any
+   eager JAX call costs here.
+2. `overhead`: `jaxsim.cosine` against the bare `jax.jit` matmul on the same `(50, 64)`
+   rows (pre-normalised for the matmul, so its result is the cosine too) and against
+   `jax.jit(jaxsim.cosine)`, the same XLA program without the public call's checks.
+   At this size an eager call costs JAX's dispatch, not arithmetic.
+3. `batched`: what a JAX user writes for many small sets, 4096 sets of 50 x 64 in one
+   call, against `torch.bmm` and numpy's batched matmul of normalised rows.
+
+Run with `--sync-dispatch` for the same tables with JAX's CPU programs run on the
+calling thread (`jax_cpu_enable_async_dispatch` off; written to `seed_table_sync.json`).
+
+Differences from the post's code, each deliberate:
+- every loop writes its own output; the post reused one `zeros` buffer for all three
   loops, so its "Result within 1e-8 of ... loop" lines compared the torch loop with
   itself;
-- the scipy loop stores `1 - scipy.spatial.distance.cosine` (a similarity); the seed
+- the scipy loop stores `1 - scipy.spatial.distance.cosine` (a similarity); the post
   stored the distance;
-- "numpy matrix" is pure numpy; the seed's version called `.unsqueeze` on what
-  `np.matmul` returned for torch inputs, so it was partly torch;
-- the agreement check states its tolerance (`torch.allclose`'s defaults, which the
-  seed used, are rtol=1e-5, atol=1e-8, not "within 1e-8") and compares every pair of
-  results, plus a float64 reference.
+- "numpy matrix" is pure numpy (the post's called torch's `.unsqueeze` on it);
+- every result is compared with a float64 reference at a stated tolerance.
 
-Run: `python -m experiments.seed_table [--n 50] [--d 64] [--out results]`.
+Run: `python -m experiments.seed_table --out results` (`--quick` for fewer samples).
 """
 
 from __future__ import annotations
-
-import itertools
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxsim
 from experiments import harness
+from experiments.harness import Benchmark, Candidate, Grid, Target
 
 NAME = "seed_table"
 JAXSIM = "jaxsim.cosine"
-SEED_TORCH = "torch.mm (seed's function)"
+JIT_JAXSIM = "jax.jit(jaxsim.cosine)"
+BARE = "jax.jit matmul (pre-normalised rows)"
+TORCH_MM = "torch.mm + norms (the post's function)"
 NUMPY_MATRIX = "numpy matrix"
 LOOPS = ("scipy loop", "numpy loop", "torch loop")
+TORCH_BMM = "torch.bmm (normalise + bmm)"
+NUMPY_BATCHED = "numpy batched matmul"
+XLA_BATCHED = "jax.jit batched matmul (pre-normalised rows)"
 # float32 results of different algorithms agree to a few float32 ulps of 1.
-RTOL, ATOL = 1e-5, 1e-6
+TOLERANCE = 1e-5
+OVERHEAD_GOAL = 1.15
 
 
 def torch_matrix_cosine(tensor):
-  """The seed's function, verbatim: one Gram matmul, then an outer product of norms."""
+  """The post's function, verbatim: one Gram matmul, then an outer product of norms."""
   import torch
 
   tmm = torch.mm(tensor, tensor.T)
@@ -52,7 +65,7 @@ def torch_matrix_cosine(tensor):
 
 
 def numpy_matrix_cosine(array: np.ndarray) -> np.ndarray:
-  """The seed's function in pure numpy (its "numpy matrix" twin)."""
+  """The post's function in pure numpy (its "numpy matrix" twin)."""
   tmm = np.matmul(array, array.T)
   denom = np.sqrt(tmm.diagonal())[None, :]
   denom_mat = np.matmul(denom.T, denom)
@@ -86,167 +99,144 @@ def torch_loop_cosine(tensor, output):
   return output
 
 
+def torch_bmm_cosine(tensor):
+  """What a torch user writes for a batch of sets: normalise the rows, then `bmm`."""
+  import torch
+
+  u = torch.nn.functional.normalize(tensor, dim=-1)
+  return torch.bmm(u, u.transpose(1, 2))
+
+
+def numpy_batched_cosine(array: np.ndarray) -> np.ndarray:
+  u = array / np.linalg.norm(array, axis=-1, keepdims=True)
+  return np.matmul(u, np.swapaxes(u, -1, -2))
+
+
+def unit_rows(array: np.ndarray) -> np.ndarray:
+  return (array / np.linalg.norm(array, axis=-1, keepdims=True)).astype(array.dtype)
+
+
 def reference_cosine(array: np.ndarray) -> np.ndarray:
-  """float64 cosine, the yardstick every candidate is checked against."""
+  """float64 cosine over the last two axes, the yardstick every candidate is checked against."""
   a = array.astype(np.float64)
-  unit = a / np.linalg.norm(a, axis=1, keepdims=True)
-  return unit @ unit.T
+  unit = a / np.linalg.norm(a, axis=-1, keepdims=True)
+  return np.matmul(unit, np.swapaxes(unit, -1, -2))
 
 
-def candidates(data: np.ndarray, *, loops: bool = True) -> dict:
-  """name -> zero-argument callable, each on its own native copy of `data`.
+_bare_matmul = jax.jit(lambda u: u @ u.T)
+_jit_cosine = jax.jit(jaxsim.cosine)
+_bare_batched = jax.jit(lambda u: jnp.matmul(u, jnp.swapaxes(u, -1, -2)))
 
-  The inputs are converted once, outside the timed call, as the seed did: a torch
-  user holds a tensor, a JAX user a `jax.Array`.
+
+def setup(point: dict, ctx: harness.Context) -> harness.Case:
+  """One uniform `[0, 1)` matrix (as `torch.rand`) in every library's own container.
+
+  The inputs are converted once, outside the timing, as in the post: a torch user
+  holds a tensor, a JAX user a `jax.Array`.
   """
   import torch
+
+  shape = (point["batch"], point["n"], point["d"]) if "batch" in point else (point["n"],
+                                                                             point["d"])
+  x = np.random.default_rng(ctx.seed).random(shape, dtype=np.float32)
+  return harness.Case(x=x, xj=jnp.asarray(x), xt=torch.from_numpy(x.copy()),
+                      uj=jnp.asarray(unit_rows(x)))
+
+
+def _loop_outputs(c: harness.Case) -> harness.Case:
+  import torch
+
+  n = len(c.x)
+  return harness.Case(x=c.x, xt=c.xt, np_out=np.zeros((n, n), np.float32),
+                      sp_out=np.zeros((n, n), np.float32), t_out=torch.zeros((n, n)))
+
+
+def _sklearn(c):
   from sklearn.metrics.pairwise import cosine_similarity
 
-  import jaxsim
-
-  tensor = torch.from_numpy(data.copy())
-  array = jnp.asarray(data)
-  n = len(data)
-  fns = {}
-  if loops:
-    np_out, sp_out = np.zeros((n, n), np.float32), np.zeros((n, n), np.float32)
-    t_out = torch.zeros((n, n))
-    fns["scipy loop"] = lambda: scipy_loop_cosine(data, sp_out)
-    fns["numpy loop"] = lambda: numpy_loop_cosine(data, np_out)
-    fns["torch loop"] = lambda: torch_loop_cosine(tensor, t_out)
-  fns["sklearn"] = lambda: cosine_similarity(data, data)
-  fns[NUMPY_MATRIX] = lambda: numpy_matrix_cosine(data)
-  fns[SEED_TORCH] = lambda: torch_matrix_cosine(tensor)
-  fns[JAXSIM] = lambda: jaxsim.cosine(array)
-  fns[JAXSIM + " (numpy input)"] = lambda: jaxsim.cosine(data)
-  return fns
+  return cosine_similarity(c.x, c.x)
 
 
-def set_torch_threads(threads: int | None) -> int:
-  """Sets torch's intra-op threads when `threads` is given; returns the count in use."""
-  import torch
-
-  if threads is not None:
-    torch.set_num_threads(threads)
-  return torch.get_num_threads()
+def _reference(case):
+  return reference_cosine(case.x)
 
 
-def to_numpy(result) -> np.ndarray:
-  if hasattr(result, "detach"):
-    result = result.detach().cpu().numpy()
-  return np.asarray(result)
+SEED_GRID = Grid(quick={"n": [50], "d": [64]}, full={"n": [50], "d": [64]})
+
+POST_TABLE = Benchmark(
+    name="post_table",
+    title="All-pairs cosine of one (50, 64) float32 matrix, eager calls, result ready",
+    note="x scipy loop: speed-up over the scipy loop (higher is faster)",
+    grid=SEED_GRID,
+    setup=setup,
+    candidates=[
+        Candidate("scipy loop", lambda c: scipy_loop_cosine(c.x, c.sp_out), prepare=_loop_outputs),
+        Candidate("numpy loop", lambda c: numpy_loop_cosine(c.x, c.np_out), prepare=_loop_outputs),
+        Candidate("torch loop", lambda c: torch_loop_cosine(c.xt, c.t_out), prepare=_loop_outputs),
+        Candidate("sklearn", _sklearn),
+        Candidate(NUMPY_MATRIX, lambda c: numpy_matrix_cosine(c.x)),
+        Candidate(TORCH_MM, lambda c: torch_matrix_cosine(c.xt)),
+        Candidate(JAXSIM, lambda c: jaxsim.cosine(c.xj)),
+        Candidate(JAXSIM + " (numpy input)", lambda c: jaxsim.cosine(c.x)),
+        Candidate(BARE, lambda c: _bare_matmul(c.uj)),
+    ],
+    check=harness.close_to(_reference),
+    tolerance=TOLERANCE,
+    baseline="scipy loop",
+    # The loops make N^2 Python calls each: a few samples of one call are plenty.
+    timing={"warmup": 1},
+)
+
+OVERHEAD = Benchmark(
+    name="overhead",
+    title="Eager call overhead at (50, 64): jaxsim.cosine against a bare jax.jit matmul",
+    note=f"x {BARE.split(' (')[0]}: its time / this row's time (1.00x = no overhead)",
+    grid=SEED_GRID,
+    setup=setup,
+    candidates=[
+        Candidate(JAXSIM, lambda c: jaxsim.cosine(c.xj)),
+        Candidate(JIT_JAXSIM, lambda c: _jit_cosine(c.xj)),
+        Candidate(BARE, lambda c: _bare_matmul(c.uj)),
+        Candidate(TORCH_MM, lambda c: torch_matrix_cosine(c.xt)),
+        Candidate(NUMPY_MATRIX, lambda c: numpy_matrix_cosine(c.x)),
+    ],
+    check=harness.close_to(_reference),
+    tolerance=TOLERANCE,
+    baseline=BARE,
+    targets=[Target(JAXSIM, BARE, at_most=OVERHEAD_GOAL,
+                    label="public call over a bare jitted matmul"),
+             Target(JIT_JAXSIM, BARE, at_most=OVERHEAD_GOAL,
+                    label="jaxsim's XLA program over a bare jitted matmul")],
+    timing={"repeats": 15},
+)
+
+BATCHED = Benchmark(
+    name="batched",
+    title="Many small sets in one call: cosine of each of B sets of (50, 64), float32",
+    grid=Grid(quick={"batch": [1024], "n": [50], "d": [64]},
+              full={"batch": [4096], "n": [50], "d": [64]}),
+    setup=setup,
+    candidates=[
+        Candidate(JAXSIM, lambda c: jaxsim.cosine(c.xj)),
+        Candidate(XLA_BATCHED, lambda c: _bare_batched(c.uj)),
+        Candidate(TORCH_BMM, lambda c: torch_bmm_cosine(c.xt)),
+        Candidate(NUMPY_BATCHED, lambda c: numpy_batched_cosine(c.x)),
+    ],
+    check=harness.close_to(_reference),
+    tolerance=TOLERANCE,
+    work=lambda p: 2.0 * p["batch"] * p["n"] ** 2 * p["d"] / 1e9,
+    rate_unit="GFLOP/s",
+    baseline=NUMPY_BATCHED,
+    targets=[Target(JAXSIM, NUMPY_BATCHED, at_least=1.2),
+             Target(JAXSIM, TORCH_BMM, at_least=0.8)],
+)
 
 
-def check(fns: dict, reference: np.ndarray) -> dict:
-  """Runs every candidate once and compares all results with each other and `reference`.
-
-  Returns:
-    `{"reference": {name: bool}, "pairs": {"a | b": bool}, "max_abs_err": {name: float},
-    "passed": bool}`.
-  """
-  results = {name: to_numpy(fn()).copy() for name, fn in fns.items()}
-  for name, r in results.items():
-    if r.shape != reference.shape:
-      raise ValueError(f"{name} returned shape {r.shape}, expected {reference.shape}.")
-  ref = reference
-  out = {"rtol": RTOL, "atol": ATOL, "reference": {}, "pairs": {}, "max_abs_err": {}}
-  for name, r in results.items():
-    out["reference"][name] = bool(np.allclose(r, ref, rtol=RTOL, atol=ATOL))
-    out["max_abs_err"][name] = float(np.max(np.abs(r.astype(np.float64) - ref)))
-  for a, b in itertools.combinations(results, 2):
-    out["pairs"][f"{a} | {b}"] = bool(np.allclose(results[a], results[b], rtol=RTOL, atol=ATOL))
-  out["passed"] = all(out["reference"].values()) and all(out["pairs"].values())
-  return out
-
-
-def run(n: int, d: int, *, seed: int = 0, repeats: int = 7, loop_repeats: int = 3,
-        min_sample_s: float = 0.05) -> dict:
-  """Checks, then times, every candidate on one `(n, d)` uniform matrix (as `torch.rand`)."""
-  data = np.random.default_rng(seed).random((n, d), dtype=np.float32)
-  fns = candidates(data)
-  checks = check(fns, reference_cosine(data))
-  _print_checks(checks)
-  if not checks["passed"]:
-    return {"n": n, "d": d, "checks": checks, "timings": {}}
-  # Loops make n^2 Python calls each: a few single-call samples are plenty.
-  loops = {k: fns[k] for k in LOOPS}
-  fast = {k: v for k, v in fns.items() if k not in LOOPS}
-  timings = harness.compare(loops, repeats=loop_repeats, warmup=1, min_sample_s=0.0)
-  timings.update(harness.compare(fast, repeats=repeats, min_sample_s=min_sample_s))
-  order = [*LOOPS, *fast]
-  timings = {k: timings[k] for k in order}
-  return {"n": n, "d": d, "seed": seed, "checks": checks, "timings": timings,
-          "async_dispatch": _async_dispatch()}
-
-
-def _async_dispatch() -> bool | None:
-  if jax.default_backend() != "cpu":
-    return None
-  return bool(jax.config.read("jax_cpu_enable_async_dispatch"))
-
-
-def _print_checks(checks: dict) -> None:
-  # The seed's format, then the strict all-pairs verdict.
-  tol = f"rtol={checks['rtol']:g}, atol={checks['atol']:g}"
-  pairs = checks["pairs"]
-  for name in checks["reference"]:
-    if name != JAXSIM:
-      ok = pairs.get(f"{name} | {JAXSIM}", pairs.get(f"{JAXSIM} | {name}"))
-      print(f"{JAXSIM} within {tol} of {name}: {ok}")
-  print(f"all {len(checks['pairs'])} pairs of results agree ({tol}): "
-        f"{all(checks['pairs'].values())}")
-  bad = [k for k, ok in checks["reference"].items() if not ok]
-  print(f"all results within {tol} of float64: {not bad}" + (f" (failed: {bad})" if bad else ""))
-
-
-def table(result: dict) -> list[dict]:
-  t = result["timings"]
-  base = t["scipy loop"].median
-  ours = t[JAXSIM].median
-  return [{"implementation": name, "us": tm.median * 1e6,
-           "speed-up vs scipy loop": base / tm.median, "jaxsim faster by": tm.median / ours}
-          for name, tm in t.items()]
-
-
-def print_table(result: dict) -> None:
-  rows = table(result)
-  width = max(len(r["implementation"]) for r in rows) + 1
-  print(f"\nN={result['n']}, D={result['d']}, median of round-robin samples "
-        f"({jax.default_backend()}, async dispatch: {result['async_dispatch']}, "
-        f"torch threads: {result['torch_threads']})")
-  print(f"{'':{width}}  {'time':>12}  {'speed-up':>9}  {'jaxsim x':>8}")
-  for r in rows:
-    mark = "* " if r["implementation"] == JAXSIM else "  "
-    print(f"{mark}{r['implementation'] + ':':{width}}{r['us']:>10.1f} us  "
-          f"{r['speed-up vs scipy loop']:>8.3g}x  {r['jaxsim faster by']:>7.2f}x")
-  print("speed-up: vs the scipy loop; jaxsim x: that row's time / jaxsim.cosine's "
-        "(> 1 means jaxsim is faster)")
+BENCHMARKS = [POST_TABLE, OVERHEAD, BATCHED]
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = harness.parser(__doc__.splitlines()[0])
-  p.add_argument("--n", type=int, default=50, help="rows (the seed: 50)")
-  p.add_argument("--d", type=int, default=64, help="features (the seed: 64)")
-  p.add_argument("--sync-dispatch", action="store_true",
-                 help="CPU only: run JAX programs on the calling thread (not JAX's default)")
-  p.add_argument("--torch-threads", type=int, default=None,
-                 help="torch.set_num_threads for the torch candidates (default: torch's own)")
-  args = p.parse_args(argv)
-  if args.sync_dispatch:
-    harness.set_cpu_dispatch(False)
-  torch_threads = set_torch_threads(args.torch_threads)
-  repeats, min_sample_s = (3, 0.02) if args.quick else (args.repeats, 0.05)
-  result = run(args.n, args.d, seed=args.seed, repeats=repeats,
-               loop_repeats=1 if args.quick else 3, min_sample_s=min_sample_s)
-  result["torch_threads"] = torch_threads
-  if result["timings"]:
-    print_table(result)
-  path = harness.write_json(args.out, NAME, result)
-  print(f"\nwrote {path}")
-  if not result["checks"]["passed"]:
-    print("results disagree: nothing was timed", file=sys.stderr)
-    raise SystemExit(1)
-  return result
+  return harness.main(BENCHMARKS, name=NAME, description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

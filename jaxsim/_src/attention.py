@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, kernels, validation
+from jaxsim._src import blockscan, defaults, kernels, validation
 
 Kind = Literal["dot", "scaled_dot", "cosine"]
 KINDS: tuple[str, ...] = ("dot", "scaled_dot", "cosine")
@@ -478,8 +478,9 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
 {args}
     block_size: key/value rows per block; None for the dense form. Any positive int
       (it need not divide `S`).
-    query_block_size: query rows per block of the blocked form (default: `block_size`;
-      it need not divide `T`). Only with `block_size`.
+    query_block_size: query rows per block of the blocked form (default: `block_size`
+      on CPU; on GPU and TPU enough rows for 2**20 logits a head, see
+      `jaxsim._src.defaults`; it need not divide `T`). Only with `block_size`.
 
   Returns:
     `(B, T, N, Hv)` (or `(T, N, Hv)`) output in the inputs' floating dtype; logits,
@@ -508,6 +509,8 @@ def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, *, kind: Kind 
   if block_size is None and query_block_size is not None:
     raise ValueError(f"`query_block_size={query_block_size}` needs `block_size` (the blocked "
                      "form); the dense form takes no block sizes.")
+  if block_size is not None and query_block_size is None:
+    query_block_size = defaults.attention_query_block(block_size)
   query, key, value, mask, bias, scale, batched = _setup(query, key, value, kind, scale, mask,
                                                          bias, is_causal)
   if key.shape[1] == 0:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, kernels, sharding, stats, validation
+from jaxsim._src import blockscan, defaults, kernels, sharding, stats, validation
 
 # The prefilter's group size: each tile's top-k is taken among the k best groups of
 # `GROUP` consecutive corpus rows (ranked by their maximum), which is exact (every
@@ -34,10 +34,6 @@ GROUP = 32
 # Scores of -inf or NaN become the lowest finite value of the accumulation dtype, so
 # that they still rank below every real score but above padding and excluded entries
 # (-inf): padding can then never be returned.
-# Scores per top-k tile when no query block size is given: 8 MiB of float32, the
-# fastest tried on a 2-core CPU (experiments/search_bench.py); temporaries stay near
-# two tiles.
-TOPK_TILE_SCORES = 1 << 21
 _INT32_MAX = 2**31 - 1
 
 
@@ -98,10 +94,11 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
   The corpus is streamed in blocks of `block_size` rows with a running merge of each
   row's top-k, and queries are taken `query_block_size` at a time, so temporaries
   are O(query_block x block_size) (about two tiles), never O(q x n). The defaults
-  split the corpus into equal blocks of at most about 4096 rows and fill a tile with
-  2**21 scores (8 MiB); they were the fastest tried on a 2-core CPU
-  (`experiments/search_bench.py`) and keep memory small on any device. Each corpus
-  row is prepared (normalised, centred) once, in the step that scores it.
+  depend on the backend (`jaxsim._src.defaults`): on CPU, equal corpus blocks of at
+  most about 4096 rows and tiles of 2**21 scores (8 MiB), the fastest tried on a
+  2-core CPU (`experiments/search_bench.py`); on GPU and TPU, 16384 rows and 2**26
+  scores. Each corpus row is prepared (normalised, centred) once, in the step that
+  scores it. On TPU, `approx=True` is the fast path.
 
   Args:
     queries: `(q, d)` query rows.
@@ -109,10 +106,11 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     k: results per query, `1 <= k <= n` (`k <= n - 1` with `exclude_self`).
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"` (largest first) or
       `"sq_euclidean"`, `"euclidean"` (nearest first).
-    block_size: corpus rows per block (default: equal blocks of at most about 4096).
-      A multiple of 32 enables the exact group prefilter that keeps per-block
-      selection cheap.
-    query_block_size: queries per tile (default: 2**21 // block_size).
+    block_size: corpus rows per block (default: equal blocks of at most about 4096,
+      16384 on GPU and TPU). A multiple of 32 enables the exact group prefilter that
+      keeps per-block selection cheap.
+    query_block_size: queries per tile (default: 2**21 // block_size; 2**26 //
+      block_size on GPU and TPU).
     exclude_self: queries and corpus are the same rows (`q == n`, in the same order);
       drop the match of query `i` with corpus row `i`.
     approx: select each block's candidates with `lax.approx_max_k` (fast on TPU, exact
@@ -210,7 +208,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   q = qp.rows.shape[0]
   rows_total = jax.tree.leaves(corpus)[0].shape[0]
   qb, nb = stats.tile_sizes(q, sharding.shard_rows(rows_total, mesh), block_size,
-                            query_block_size, multiple=GROUP, tile=TOPK_TILE_SCORES)
+                            query_block_size, multiple=GROUP, tile=defaults.topk_tile())
   # Padding the queries once to whole blocks makes `block_map`'s blocking a reshape.
   q_pad = -(-q // qb) * qb
   padded = (jnp.pad(qp.rows, ((0, q_pad - q), (0, 0))), jnp.pad(qp.aux, (0, q_pad - q)),
@@ -350,8 +348,9 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
       `"euclidean"`.
     block_size: corpus (`y`) rows per block; default: equal blocks of at most about
-      4096.
-    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB).
+      4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
+    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
+      2**24 on GPU and TPU).
     mesh: a `jax.sharding.Mesh`; the `y` rows are split across its devices and the
       per-device pair lists merged in row-major order (the same pairs and count as
       the single-device call).

@@ -24,15 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, kernels, sharding, validation
+from jaxsim._src import blockscan, defaults, kernels, sharding, validation
 
 _LO_BITS = 24
 _LO_MASK = (1 << _LO_BITS) - 1
 _INT32_MAX = 2**31 - 1
-# Scores per tile (query block x corpus block) when no query block size is given: 4 MiB
-# of float32. The statistics keep a few tile-sized temporaries (scores, histogram bins),
-# about 30 MiB in all, however many pairs there are.
-TILE_SCORES = 1 << 20
 
 
 class WideCount(NamedTuple):
@@ -206,8 +202,9 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
       `max` are a good choice).
     exclude_diagonal: `y=None` only: leave out the self pairs `(i, i)`.
     block_size: corpus (`y`) rows per block; default: equal blocks of at most about
-      4096.
-    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB).
+      4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
+    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
+      2**24 on GPU and TPU).
     mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices
       (see `jaxsim._src.sharding`). `count` is the same exactly; the other fields
       agree with the single-device call to float32 rounding of the scores and of the
@@ -274,16 +271,18 @@ def _even_blocks(size: int, cap: int, multiple: int) -> int:
 
 
 def tile_sizes(q: int, n: int, block_size: int | None, query_block_size: int | None,
-               *, multiple: int = 1, tile: int = TILE_SCORES) -> tuple[int, int]:
-  """Default (query block, corpus block): corpus blocks of at most about 4096 rows (a
-  multiple of `multiple`), query blocks filling a tile of `tile` scores.
+               *, multiple: int = 1, tile: int | None = None) -> tuple[int, int]:
+  """Default (query block, corpus block): corpus blocks of at most about
+  `defaults.corpus_block()` rows (a multiple of `multiple`), query blocks filling a tile
+  of `tile` scores (default `defaults.stats_tile()`); both per backend, see `defaults`.
 
   Rows are split into equal blocks (5000 rows: two of 2528, not 4096 + 904), since a
   short last block costs as much as a full one.
   """
   if block_size is None:
-    block_size = _even_blocks(n, 4096, multiple)
+    block_size = _even_blocks(n, defaults.corpus_block(), multiple)
   if query_block_size is None:
+    tile = defaults.stats_tile() if tile is None else tile
     query_block_size = _even_blocks(q, max(8, tile // block_size), 8)
   # Blocks never need to exceed the rows there are (the tile check below included).
   block_size = min(block_size, max(n, 1))

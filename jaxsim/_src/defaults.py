@@ -1,0 +1,124 @@
+"""Default tile and block sizes per backend, in one place.
+
+The streamed reductions (`jaxsim.topk`, `jaxsim.pairs_above`, `jaxsim.similarity_stats`)
+walk the corpus in blocks of rows and the queries in blocks that fill a *tile* of
+(query block x corpus block) scores; blocked attention takes key/value blocks of the
+caller's `block_size` and query blocks of `attention_query_block`. These sizes trade
+memory for speed, and the right trade depends on the device:
+
+| backend | corpus block (rows) | top-k tile | stats / pairs tile | attention query block |
+| --- | --- | --- | --- | --- |
+| `cpu`, any unknown | about 4096 | 2**21 scores (8 MiB) | 2**20 (4 MiB) | `block_size` |
+| `gpu`, `tpu` | about 16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | fills 2**20 logits |
+
+Corpus blocks split the rows into equal blocks of at most about that many; query blocks
+fill the tile (float32 sizes in brackets); an attention query block on GPU and TPU
+holds at least 2**20 logits a head (`attention_query_block`).
+
+Why these numbers:
+
+- CPU: the sizes the streamed reductions had before they were backend-aware, the
+  fastest tried on a 2-core CPU (`experiments/search_bench.py`), with temporaries of
+  tens of MiB.
+- GPU and TPU: every block is one step of a `lax.scan`, which costs a few kernel
+  launches (GPU) or a loop iteration (TPU) whatever its size, and a matmul only
+  reaches the tensor cores' / MXU's rate when it is large. A 4096 x 16384 tile at
+  d=768 is about 0.1 TFLOP, well above the per-step overhead on an H100 or a TPU v4,
+  and the temporaries (about two tiles for top-k, a few for the statistics) stay
+  under 1 GiB, small next to the 16-80 GiB of current accelerators. None of these
+  accelerator sizes has been timed on a GPU or TPU yet: `python -m
+  experiments.accelerator` measures them (see the README's "Accelerators").
+
+Precision: inputs are multiplied in their own dtype and accumulated in float32
+(`preferred_element_type`), so bfloat16 and float16 rows use the tensor cores (GPU) or
+the MXU (TPU) at full rate with float32 sums. For float32 inputs the matmul runs at
+the backend's default precision (`precision=None`): TF32 on recent NVIDIA GPUs, one
+bfloat16 pass on TPU, full float32 on CPU; pass `precision="highest"` for float32
+products everywhere.
+
+Approximate top-k: `jaxsim.topk(..., approx=True)` selects each block's candidates
+with `lax.approx_max_k`, the fast path on TPU (a partial reduction that suits its
+vector units, Chern et al. 2022; JAX optimizes it on TPU only). Use it there, with
+these tile sizes, when a recall of about `recall_target` is enough; keep the exact
+default on CPU and GPU.
+
+The backend is `jax.default_backend()` when a function is traced: the defaults follow
+where the computation runs unless the caller places it elsewhere explicitly, in which
+case pass `block_size` / `query_block_size` directly. Explicit sizes always win.
+
+References:
+  Chern, Jouppi et al., "TPU-KNN: K Nearest Neighbor Search at Peak FLOP/s", NeurIPS
+  2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """The default sizes of one backend (see the module docstring's table).
+
+  Attributes:
+    corpus_block: corpus rows per block, at most about this many (rows are split into
+      equal blocks).
+    topk_tile: scores per (query block x corpus block) tile of `jaxsim.topk`.
+    stats_tile: scores per tile of `jaxsim.pairs_above` and `jaxsim.similarity_stats`.
+    attention_tile: logits per head that a blocked-attention query block should
+      fill, `query_block x block_size`; 0 keeps the query block equal to `block_size`.
+  """
+
+  corpus_block: int
+  topk_tile: int
+  stats_tile: int
+  attention_tile: int
+
+
+_CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0)
+_ACCELERATOR = Defaults(corpus_block=16384, topk_tile=1 << 26, stats_tile=1 << 24,
+                        attention_tile=1 << 20)
+BACKENDS: dict[str, Defaults] = {"cpu": _CPU, "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
+
+
+def backend() -> str:
+  """The backend the defaults are chosen for: `jax.default_backend()`."""
+  return jax.default_backend()
+
+
+def for_backend(name: str | None = None) -> Defaults:
+  """The defaults of backend `name` (`"cpu"`, `"gpu"`, `"tpu"`; None for the current
+  one); unknown backends get the CPU's, which are the smallest."""
+  return BACKENDS.get(backend() if name is None else name, _CPU)
+
+
+def corpus_block() -> int:
+  """Corpus rows per block, at most about (`jaxsim._src.stats.tile_sizes`)."""
+  return for_backend().corpus_block
+
+
+def topk_tile() -> int:
+  """Scores per top-k tile (`jaxsim.topk`)."""
+  return for_backend().topk_tile
+
+
+def stats_tile() -> int:
+  """Scores per tile of `jaxsim.pairs_above` and `jaxsim.similarity_stats`."""
+  return for_backend().stats_tile
+
+
+def attention_query_block(block_size: int) -> int:
+  """The default query block of blocked attention, given its key/value `block_size`.
+
+  `block_size` on CPU (as before); on GPU and TPU at least `block_size` and large
+  enough that a query block fills the backend's `attention_tile` logits per head,
+  rounded up to a multiple of 128 (whole MXU / tensor-core tiles). The caller clips it
+  to the number of queries.
+  """
+  tile = for_backend().attention_tile
+  if not tile:
+    return block_size
+  rows = -(-tile // block_size)
+  return max(block_size, -(-rows // 128) * 128)
