@@ -1,0 +1,54 @@
+"""The ladder of shape buckets: pad sizes that vary from call to call so XLA compiles once.
+
+XLA compiles one program per input shape, and on a CPU a search program takes 0.5 to
+2.5 s to compile. A server that sees every batch size from 1 to 2048 would compile
+thousands of programs; padding each size up to the next step of a short ladder, and
+masking the padding, compiles at most one program per step.
+
+The ladders:
+
+- **Query counts and `k`** (`size_bucket`): the powers of two, 1, 2, 4, ..., so any
+  count in 1..2048 lands on one of 12 steps, and padding at most doubles the work of
+  the (cheap) query side.
+- **Index capacity** (`capacity_bucket`), in pages of `page` rows: 1, 2, 3, 4, 6, 8,
+  12, 16, 24, ... pages (the powers of two and 1.5 times the powers of two). Memory is
+  at most a third more than the rows need; search time does not grow with the
+  padding, because pages past the last row are skipped.
+
+Examples:
+  >>> from jaxsim._src import buckets
+  >>> [buckets.size_bucket(n) for n in (1, 3, 16, 17, 2048)]
+  [1, 4, 16, 32, 2048]
+  >>> [buckets.capacity_bucket(n, page=1024) for n in (1, 1025, 2049, 4097, 6145)]
+  [1024, 2048, 3072, 4096, 6144]
+"""
+
+from __future__ import annotations
+
+
+def size_bucket(n: int) -> int:
+  """The smallest power of two `>= n` (and `>= 1`): the step for query counts and `k`."""
+  n = max(int(n), 1)
+  return 1 << (n - 1).bit_length()
+
+
+def page_bucket(pages: int) -> int:
+  """The smallest step of 1, 2, 3, 4, 6, 8, 12, 16, ... that is `>= pages` (and `>= 1`)."""
+  pages = max(int(pages), 1)
+  power = size_bucket(pages)
+  three_halves = 3 * power // 4  # 1.5 x the power of two below `power`
+  return three_halves if power >= 4 and three_halves >= pages else power
+
+
+def capacity_bucket(rows: int, *, page: int) -> int:
+  """Rows of storage for `rows` rows: a page count on the ladder, times `page`."""
+  return page * page_bucket(-(-max(int(rows), 1) // page))
+
+
+def ladder(limit: int) -> list[int]:
+  """The query-count / `k` steps up to `size_bucket(limit)`, for documentation and tests."""
+  out, step = [], 1
+  while step < size_bucket(limit) * 2:
+    out.append(step)
+    step *= 2
+  return out
