@@ -20,7 +20,7 @@ Examples:
   >>> [buckets.size_bucket(n) for n in (1, 3, 16, 17, 2048)]
   [1, 4, 16, 32, 2048]
   >>> [buckets.capacity_bucket(n, page=1024) for n in (1, 1025, 2049, 4097, 6145)]
-  [1024, 2048, 3072, 4096, 6144]
+  [1024, 2048, 3072, 6144, 8192]
 """
 
 from __future__ import annotations

@@ -592,7 +592,7 @@ class Index:
     """
     path = os.fspath(path)
     try:
-      with np.load(path, allow_pickle=False) as f:
+      with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
         if "meta" not in f.files:
           raise ValueError(f"no `meta` entry (entries: {f.files})")
         meta = json.loads(bytes(f["meta"]).decode())
@@ -602,20 +602,19 @@ class Index:
           raise ValueError(f"format version {meta.get('version')!r}; this jaxsim reads "
                            f"version {FORMAT_VERSION}")
         rows, aux, shift = f["rows"], f["aux"], f["shift"]
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile, json.JSONDecodeError,
-            UnicodeDecodeError, ValueError) as err:
+        dtype = jnp.dtype(meta["dtype"])
+        n, d = int(meta["count"]), int(meta["dim"])
+        metric, prepared = kernels.check_metric(meta["metric"]), bool(meta["prepared"])
+        rows = rows.view(dtype) if rows.dtype != dtype else rows
+    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile,
+            json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
       if isinstance(err, FileNotFoundError):
         raise
       raise ValueError(f"{path!r} is not a readable jaxsim Index file: {err}") from None
-    dtype = jnp.dtype(meta["dtype"])
-    n, d = int(meta["count"]), int(meta["dim"])
-    rows = rows.view(dtype) if rows.dtype != dtype else rows
     if rows.shape != (n, d) or aux.shape != (n,) or shift.shape != (1, d):
       raise ValueError(f"{path!r} is not a consistent jaxsim Index file: meta says {n} rows of "
                        f"dim {d}, arrays have rows {rows.shape}, aux {aux.shape}, shift "
                        f"{shift.shape}.")
-    kernels.check_metric(meta["metric"])
-    metric, prepared = meta["metric"], bool(meta["prepared"])
     if not prepared:
       index = cls(np.zeros((0, d), dtype), metric=metric, mesh=mesh, store=store,
                   page_rows=page_rows, precision=precision)
