@@ -39,9 +39,10 @@ from jaxsim._src import blockscan, buckets, kernels, search, sharding, validatio
 
 FORMAT = "jaxsim.Index"
 FORMAT_VERSION = 1
-# Scores per page: 2**22 entries (16 MiB of float32): 8192 rows at d = 384. Large
-# enough that the per-page merge is noise, small enough that a page of padding past
-# the last row costs little and host pages stream in modest transfers.
+# Elements per page at most: 2**22 (16 MiB of float32). A page is one corpus block of
+# the streamed top-k (4096 rows below d = 1024): pages past the last row are skipped
+# whole, so padding costs less than a page of work, and host pages stream in modest
+# transfers.
 PAGE_ELEMENTS = 1 << 22
 STORES = ("device", "host")
 # Rows per chunk of the host-side mean behind the Euclidean centring shift; fixed, so
@@ -50,10 +51,11 @@ _SHIFT_CHUNK = 1 << 16
 
 
 def default_page_rows(d: int, mesh: Mesh | None = None) -> int:
-  """Rows per page: a power of two near `PAGE_ELEMENTS / d`, at least 1024, a multiple
-  of `32 * devices` so each device's share keeps the top-k group prefilter."""
+  """Rows per page: 4096 (one corpus block of `jaxsim.topk`), fewer for wide rows so a
+  page stays near `PAGE_ELEMENTS`, at least 1024; a multiple of `32 * devices` so each
+  device's share keeps the top-k group prefilter."""
   rows = 1024
-  while rows * 2 * max(d, 1) <= PAGE_ELEMENTS:
+  while rows < 4096 and rows * 2 * max(d, 1) <= PAGE_ELEMENTS:
     rows *= 2
   unit = search.GROUP * sharding.num_shards(mesh)
   return -(-rows // unit) * unit
@@ -154,18 +156,25 @@ def _search_storage(rows, aux, shift, count, queries, *, k, metric, page, mesh, 
     init = (jnp.full((queries.shape[0], k), -jnp.inf, acc),
             jnp.full((queries.shape[0], k), -1, jnp.int32))
 
-    def step(carry, block, start, valid):
-      del valid  # capacity is a whole number of pages
+    def step(carry, starts, first, valid):
+      del first, valid  # one page start per block
+      start = starts[0]
 
       def run(carry):
-        key, ids = _page_topk(qp, block, shift, _identity, count - start, start, k=k,
+        # The page is sliced inside the branch: a page passed into `cond` as an
+        # operand would be copied whether or not the branch runs.
+        page = jax.tree.map(lambda leaf: lax.dynamic_slice_in_dim(leaf, start, page_rows),
+                            storage)
+        key, ids = _page_topk(qp, page, shift, _identity, count - start, start, k=k,
                               metric=metric, mesh=None, precision=precision)
         return _merge(*carry, key, ids, k)
 
       # Pages past the last row are skipped, so capacity padding costs no time.
       return lax.cond(start < count, run, lambda carry: carry, carry)
 
-    best, ids = blockscan.block_scan(step, init, storage, block_size=page, remat=False)
+    page_rows = page
+    starts = jnp.arange(0, rows.shape[0], page, dtype=jnp.int32)
+    best, ids = blockscan.block_scan(step, init, starts, block_size=1, remat=False)
   return (-best if euclid else best).astype(queries.dtype), ids
 
 
@@ -221,7 +230,8 @@ class Index:
       host memory as given, numpy or `np.load(path, mmap_mode="r")`, never copied
       whole, and stream to the device a page at a time; device memory is O(page)).
     page_rows: rows per page of storage (device) or per transfer (host); a multiple of
-      `32 x devices`. Default: about 2**22 elements per page (8192 rows at d = 384).
+      `32 x devices`. Default: 4096 (fewer above d = 1024, so a page stays
+      within 2**22 elements).
     precision: `jax.lax.Precision` for the matmuls.
 
   Raises:
