@@ -188,11 +188,11 @@ def test_batch_sizes_share_programs():
 
 def test_adds_within_capacity_share_programs():
   corpus, queries = _data(9, (3000, 16), (16, 16))
-  idx = jaxsim.Index(corpus[:1100], page_rows=512)  # capacity 1536 rows (3 pages)
+  idx = jaxsim.Index(corpus[:1100], page_rows=512)  # capacity 2048 rows (4 pages)
   idx.add(corpus[1100:1200])
   idx.search(queries, 4)
   with _count_compiles() as compiles:
-    for end in (1250, 1390, 1536):
+    for end in (1250, 1390, 1536, 2048):
       idx.add(corpus[len(idx):end])
       idx.search(queries, 4)
   assert compiles == []
@@ -203,12 +203,16 @@ def test_bucket_ladders():
     b = buckets.size_bucket(n)
     assert b >= n and b & (b - 1) == 0 and (b == 1 or b // 2 < n)
     pages = buckets.page_bucket(n)
-    assert pages >= n and 3 * n >= 2 * pages - 2  # at most about a third of padding
+    assert pages >= n and pages == buckets.page_bucket(pages)
+    if n > buckets.FINE_FROM:
+      assert 3 * n >= 2 * pages - 2  # at most about a third of padding
+    else:
+      assert pages & (pages - 1) == 0 and pages < 2 * n
     cap = buckets.capacity_bucket(n, page=64)
     assert cap % 64 == 0 and cap >= n
   assert buckets.ladder(2048) == [2**i for i in range(12)]
-  steps = sorted({buckets.page_bucket(n) for n in range(1, 100)})
-  assert steps[:9] == [1, 2, 3, 4, 6, 8, 12, 16, 24]
+  steps = sorted({buckets.page_bucket(n) for n in range(1, 300)})
+  assert steps == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384]
 
 
 # --- host store -------------------------------------------------------------------------------

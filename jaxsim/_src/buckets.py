@@ -10,20 +10,24 @@ The ladders:
 - **Query counts and `k`** (`size_bucket`): the powers of two, 1, 2, 4, ..., so any
   count in 1..2048 lands on one of 12 steps, and padding at most doubles the work of
   the (cheap) query side.
-- **Index capacity** (`capacity_bucket`), in pages of `page` rows: 1, 2, 3, 4, 6, 8,
-  12, 16, 24, ... pages (the powers of two and 1.5 times the powers of two). Memory is
-  at most a third more than the rows need; search time does not grow with the
-  padding, because pages past the last row are skipped.
+- **Index capacity** (`capacity_bucket`), in pages of `page` rows: 1, 2, 4, 8, 16,
+  32, then 48, 64, 96, 128, 192, ... pages (powers of two, and above 32 pages also
+  1.5 times the powers of two). A small index that grows crosses few steps (few
+  compiles); a large one uses at most about a third more memory than its rows need.
+  Search time does not grow with the padding: pages past the last row are skipped.
 
 Examples:
   >>> from jaxsim._src import buckets
   >>> [buckets.size_bucket(n) for n in (1, 3, 16, 17, 2048)]
   [1, 4, 16, 32, 2048]
-  >>> [buckets.capacity_bucket(n, page=1024) for n in (1, 1025, 2049, 4097, 6145)]
-  [1024, 2048, 3072, 6144, 8192]
+  >>> [buckets.capacity_bucket(n, page=1024) for n in (1, 1025, 2049, 40_000, 50_000)]
+  [1024, 2048, 4096, 49152, 65536]
 """
 
 from __future__ import annotations
+
+# Page counts above which the capacity ladder takes 1.5x steps too.
+FINE_FROM = 32
 
 
 def size_bucket(n: int) -> int:
@@ -33,11 +37,16 @@ def size_bucket(n: int) -> int:
 
 
 def page_bucket(pages: int) -> int:
-  """The smallest step of 1, 2, 3, 4, 6, 8, 12, 16, ... that is `>= pages` (and `>= 1`)."""
+  """The smallest step of the page ladder that is `>= pages` (and `>= 1`).
+
+  Powers of two up to `FINE_FROM` pages (a growing index crosses few steps, so it
+  compiles few programs); above, 1.5 times the powers of two as well (48, 64, 96,
+  ...), so a large index wastes at most about a third of its memory.
+  """
   pages = max(int(pages), 1)
   power = size_bucket(pages)
   three_halves = 3 * power // 4  # 1.5 x the power of two below `power`
-  return three_halves if power >= 4 and three_halves >= pages else power
+  return three_halves if power > FINE_FROM and three_halves >= pages else power
 
 
 def capacity_bucket(rows: int, *, page: int) -> int:

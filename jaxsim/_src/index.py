@@ -270,14 +270,16 @@ class Index:
     self._metric, self._mesh, self._store = metric, mesh, store
     self._page, self._precision = page_rows, precision
     self._dtype, self._dim = np.dtype(rows.dtype), d
-    self._shift = jnp.zeros((1, d), kernels.accum_dtype(self._dtype))
+    # Built on the host: an eager jnp.zeros would be one more compiled program.
+    self._shift = jax.device_put(np.zeros((1, d), kernels.accum_dtype(self._dtype)))
     self._count = 0
     if store == "host":
       self._parts: list[np.ndarray] = []
       self._aux_parts: list[np.ndarray] | None = None  # set when the parts are prepared
       self._rows = self._aux = None
     else:
-      self._rows, self._aux = self._empty_storage(page_rows)
+      self._rows, self._aux = self._empty_storage(
+          buckets.capacity_bucket(rows.shape[0], page=page_rows))
     self.add(rows)
 
   # --- construction helpers -------------------------------------------------------
