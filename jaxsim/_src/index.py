@@ -163,16 +163,15 @@ def _search_storage(rows, aux, shift, count, queries, *, k, metric, page, mesh, 
       def run(carry):
         # The page is sliced inside the branch: a page passed into `cond` as an
         # operand would be copied whether or not the branch runs.
-        page = jax.tree.map(lambda leaf: lax.dynamic_slice_in_dim(leaf, start, page_rows),
-                            storage)
-        key, ids = _page_topk(qp, page, shift, _identity, count - start, start, k=k,
+        page_at = jax.tree.map(lambda leaf: lax.dynamic_slice_in_dim(leaf, start, page),
+                               storage)
+        key, ids = _page_topk(qp, page_at, shift, _identity, count - start, start, k=k,
                               metric=metric, mesh=None, precision=precision)
         return _merge(*carry, key, ids, k)
 
       # Pages past the last row are skipped, so capacity padding costs no time.
       return lax.cond(start < count, run, lambda carry: carry, carry)
 
-    page_rows = page
     starts = jnp.arange(0, rows.shape[0], page, dtype=jnp.int32)
     best, ids = blockscan.block_scan(step, init, starts, block_size=1, remat=False)
   return (-best if euclid else best).astype(queries.dtype), ids
