@@ -14,6 +14,7 @@ here equal scores go to the lower id.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -238,8 +239,6 @@ def _pairs(x, threshold: float):
 
 
 def _quiet_pairs(x, threshold, capacity):
-  import warnings
-
   with warnings.catch_warnings():
     # An overflow is expected on the first guess and handled by the caller.
     warnings.simplefilter("ignore", RuntimeWarning)
