@@ -62,7 +62,14 @@ def default_page_rows(d: int, mesh: Mesh | None = None) -> int:
 
 
 def _to_host(value: Any, name: str) -> np.ndarray | jax.Array:
-  """numpy, JAX and (CPU) torch arrays; torch goes through numpy without a copy."""
+  """numpy, JAX and (CPU) torch arrays; torch goes through numpy without a copy.
+
+  A numpy array (a memmap included) of a floating dtype JAX keeps is returned as it
+  is, so that a host index holds the caller's array, not a copy.
+  """
+  if isinstance(value, np.ndarray) and value.dtype.kind == "f" and (
+      jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype):
+    return value
   if type(value).__module__.startswith("torch"):
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
