@@ -182,7 +182,7 @@ def test_batch_sizes_share_programs():
     for q in (18, 25, 31, 32, 20):
       scores, ids = idx.search(rng.standard_normal((q, 16)).astype(np.float32), 5)
       assert ids.shape == (q, 5)
-    idx.search(rng.standard_normal((20, 16)).astype(np.float32), 7)  # k 7 -> bucket 8
+    idx.search(rng.standard_normal((20, 16)).astype(np.float32), 4)  # k 4: a new step
   assert len(compiles) <= 1
 
 
@@ -211,6 +211,9 @@ def test_bucket_ladders():
     cap = buckets.capacity_bucket(n, page=64)
     assert cap % 64 == 0 and cap >= n
   assert buckets.ladder(2048) == [2**i for i in range(12)]
+  for k in range(1, 300):
+    b = buckets.k_bucket(k)
+    assert k <= b <= max(1.5 * k, 2) and b == buckets.k_bucket(b)
   steps = sorted({buckets.page_bucket(n) for n in range(1, 300)})
   assert steps == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384]
 

@@ -447,9 +447,9 @@ class Index:
              ) -> tuple[jax.Array, jax.Array]:
     """The `k` best rows of the index for every query, best first.
 
-    The query count and `k` are padded up to powers of two (`buckets.size_bucket`)
-    and the padding masked, so any batch size from 1 to 2048 runs one of 12 compiled
-    programs per index capacity. Pass numpy queries to pad them on the host (a JAX
+    The query count is padded up to a power of two and `k` up to the `k` ladder
+    (`jaxsim._src.buckets`), and the padding masked, so any batch size from 1 to 2048
+    runs one of 12 compiled programs per index capacity and `k` step. Pass numpy queries to pad them on the host (a JAX
     array of a new shape costs one small padding program).
 
     Args:
@@ -484,7 +484,7 @@ class Index:
     q = queries.shape[0]
     if q == 0:
       return jnp.zeros((0, k), self._dtype), jnp.zeros((0, k), jnp.int32)
-    qb, kb = buckets.size_bucket(q), buckets.size_bucket(k)
+    qb, kb = buckets.size_bucket(q), buckets.k_bucket(k)
     padded = _pad_rows(queries, qb)
     if self._store == "host":
       scores, ids = self._search_host(padded, kb, progress)
