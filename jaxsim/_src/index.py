@@ -540,11 +540,14 @@ class Index:
     for page in it:
       cur = nxt
       # Dispatch is asynchronous: this page's search is queued, then the next page is
-      # copied to the device while it runs.
+      # copied to the device while it runs. Waiting for the search before the next
+      # round keeps at most two pages on the device.
       best, best_ids, scores = _search_host_page(
           best, best_ids, queries, self._shift, *cur[1:3], cur[0], cur[3],
           k=k, metric=self._metric, precision=self._precision)
       nxt = self._put_page(page)
+      del cur
+      best.block_until_ready()
     best, best_ids, scores = _search_host_page(
         best, best_ids, queries, self._shift, *nxt[1:3], nxt[0], nxt[3],
         k=k, metric=self._metric, precision=self._precision)
