@@ -396,7 +396,9 @@ class Index:
     its fixed shift; an index that was empty takes its shift from these rows). The
     storage grows along the capacity ladder, so a run of adds compiles a few programs,
     not one per row count. With `store="host"` the array is kept as given (not
-    copied), so a memory-mapped file stays on disk.
+    copied), so a memory-mapped file stays on disk. A device index updates its
+    storage in place (the buffers are donated), so a copy of the index taken with
+    `jax.tree` functions before `add` must not be used after it.
 
     Args:
       rows: `(m, d)` rows of the index's dtype and feature dim.
