@@ -3,6 +3,7 @@
 from jaxsim._src.attention import attention as attention
 from jaxsim._src.attention import attention_scores as attention_scores
 from jaxsim._src.attention import attention_weights as attention_weights
+from jaxsim._src.index import Index as Index
 from jaxsim._src.kernels import cosine as cosine
 from jaxsim._src.kernels import dot as dot
 from jaxsim._src.kernels import euclidean as euclidean
@@ -12,6 +13,9 @@ from jaxsim._src.kernels import sq_euclidean as sq_euclidean
 from jaxsim._src.search import Pairs as Pairs
 from jaxsim._src.search import pairs_above as pairs_above
 from jaxsim._src.search import topk as topk
+from jaxsim._src.semantic import community_detection as community_detection
+from jaxsim._src.semantic import paraphrase_mining as paraphrase_mining
+from jaxsim._src.semantic import semantic_search as semantic_search
 from jaxsim._src.stats import SimilarityStats as SimilarityStats
 from jaxsim._src.stats import similarity_stats as similarity_stats
 
@@ -21,13 +25,17 @@ __all__ = (
     "attention",
     "attention_scores",
     "attention_weights",
+    "community_detection",
     "cosine",
     "dot",
     "euclidean",
+    "Index",
     "Pairs",
     "pairs_above",
     "pairwise",
+    "paraphrase_mining",
     "scaled_dot",
+    "semantic_search",
     "similarity_stats",
     "SimilarityStats",
     "sq_euclidean",
