@@ -352,13 +352,16 @@ def test_harness_candidates_when_and_only(tmp_path):
 @pytest.mark.parametrize("measure,goal,met", [("at_least", 1.9, True), ("at_least", 2.1, False),
                                               ("at_most", 0.55, True), ("at_most", 0.45, False)])
 def test_harness_targets_judge_the_ratio_of_one_run(measure, goal, met):
-  rows = [{"n": n, "candidate": c, "status": "ok", "median_s": s, "noisy": n == 8}
-          for n in (4, 8) for c, s in (("fast", 1.0), ("slow", 2.0))]
+  rows = [{"n": n, "candidate": c, "status": "ok", "median_s": s, "min_s": s / m, "noisy": n == 8}
+          for n in (4, 8) for c, s, m in (("fast", 1.0, 2.0), ("slow", 2.0, 1.0))]
   rows.append({"n": 16, "candidate": "fast", "status": "skipped"})
   t = harness.judge(Target("fast", "slow", **{measure: goal}), rows)
   assert [p["n"] for p in t["points"]] == [4, 8] and t["met"] is met
   assert [p["value"] for p in t["points"]] == [2.0, 2.0] if measure == "at_least" else [0.5, 0.5]
   assert [p["noisy"] for p in t["points"]] == [False, True]
+  # The fastest samples: 0.5 s against 2 s.
+  assert [p["best"] for p in t["points"]] == ([4.0, 4.0] if measure == "at_least" else [0.25, 0.25])
+  assert "fastest samples" in harness.describe_target(t)
   t = harness.judge(Target("fast", "slow", at_least=1.0, where=lambda p: p["n"] > 4), rows)
   assert [p["n"] for p in t["points"]] == [8]
 
