@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxsim._src import search, sharding, stats, validation
+from jaxsim._src import sharding, validation
 
 
 # --- meshes -----------------------------------------------------------------------
@@ -75,7 +75,8 @@ def check_mesh(mesh: Any, axis: str | tuple[str, ...] | None = None) -> tuple[st
 
 
 def _is_global(x: Any) -> bool:
-  return isinstance(x, jax.Array) and not x.is_fully_addressable
+  return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+          and not x.is_fully_addressable)
 
 
 def resolve_mesh(mesh: Mesh | None, corpus: Any, *, name: str = "corpus") -> Mesh | None:
@@ -90,6 +91,8 @@ def resolve_mesh(mesh: Mesh | None, corpus: Any, *, name: str = "corpus") -> Mes
       host array, or a `jax.Array` on this process's devices only), or a `corpus`
       spread over processes is given with a mesh of other devices.
   """
+  if isinstance(corpus, jax.core.Tracer):
+    return mesh  # inside a program: the caller's jit owns the shardings
   if mesh is None:
     sh = getattr(corpus, "sharding", None)
     if isinstance(corpus, jax.Array) and isinstance(sh, NamedSharding) and len(
@@ -113,6 +116,15 @@ def resolve_mesh(mesh: Mesh | None, corpus: Any, *, name: str = "corpus") -> Mes
   return mesh
 
 
+def prepare_call(mesh: Mesh | None, corpus: Any, *, name: str = "corpus",
+                 **replicated: Any) -> Mesh | None:
+  """`resolve_mesh`, then, on a mesh over several processes, `check_replicated`."""
+  mesh = resolve_mesh(mesh, corpus, name=name)
+  if spans_processes(mesh) and not isinstance(corpus, jax.core.Tracer):
+    check_replicated(**replicated)
+  return mesh
+
+
 _WARNED: set[str] = set()
 
 
@@ -127,8 +139,8 @@ def _warn_once(message: str) -> None:
 
 def fingerprint(value: Any) -> int:
   """A 64-bit hash of a host value: an array's dtype, shape and bytes, or its repr."""
-  if _is_global(value):
-    return 0  # one array for all processes, the same by construction
+  if _is_global(value) or isinstance(value, jax.core.Tracer):
+    return 0  # one array for all processes (or a traced value): nothing to compare
   if isinstance(value, (jax.Array, np.ndarray)) or type(value).__module__.startswith("torch"):
     if type(value).__module__.startswith("torch"):
       value = value.detach().cpu().numpy()
@@ -218,6 +230,12 @@ class ShardedRows:
     """The global id of the first row of `process` (default: this process)."""
     p = jax.process_index() if process is None else process
     return int(sum(self.process_counts[:p]))
+
+  def gather(self) -> np.ndarray:
+    """All real rows on this host, in global-id order: a `(count, d)` numpy copy."""
+    if _is_global(self.data):
+      return np.asarray(multihost_utils.process_allgather(self.data, tiled=True))[:self.count]
+    return np.asarray(self.data)[:self.count]
 
   def __repr__(self) -> str:
     return (f"ShardedRows(count={self.count}, dim={self.data.shape[1]}, "
@@ -334,6 +352,18 @@ def _gather_rows(source, ends, table, *, block, total, rows_out, out):
 # --- the reductions over sharded rows ----------------------------------------------
 
 
+def replicate(tree, mesh: Mesh):
+  """Outputs of a program over `mesh` made fully replicated, so every process reads them."""
+  if not spans_processes(mesh):
+    return tree
+  return _replicate(tree, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _replicate(tree, *, mesh):
+  return _replicated(mesh, tree)
+
+
 def _replicated(mesh: Mesh, tree):
   spec = NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, spec), tree)
@@ -378,6 +408,7 @@ def topk(queries: ArrayLike, corpus: ShardedRows, k: int, *, mesh: Mesh | None =
 
 @functools.partial(jax.jit, static_argnames=("count", "k", "mesh", "options"))
 def _topk(queries, data, *, count, k, mesh, options):
+  from jaxsim._src import search  # search imports this module
   return _replicated(mesh, search.topk(queries, data[:count], k, mesh=mesh, **dict(options)))
 
 
@@ -397,6 +428,7 @@ def pairs_above(x, y=None, *, threshold, max_pairs, mesh: Mesh | None = None, **
 
 @functools.partial(jax.jit, static_argnames=("xc", "yc", "max_pairs", "mesh", "options"))
 def _pairs(x, y, threshold, *, xc, yc, max_pairs, mesh, options):
+  from jaxsim._src import search  # search imports this module
   return _replicated(mesh, search.pairs_above(
       _side(x, xc), None if y is None else _side(y, yc), threshold=threshold,
       max_pairs=max_pairs, mesh=mesh, **dict(options)))
@@ -413,13 +445,9 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
 
 @functools.partial(jax.jit, static_argnames=("xc", "yc", "mesh", "options"))
 def _stats(x, y, *, xc, yc, mesh, options):
+  from jaxsim._src import stats  # stats imports this module
   return _replicated(mesh, stats.similarity_stats(
       _side(x, xc), None if y is None else _side(y, yc), mesh=mesh, **dict(options)))
 
 
-def gather_rows(rows: ShardedRows) -> np.ndarray:
-  """All real rows of a `ShardedRows` on this host, in global-id order (a copy)."""
-  full = multihost_utils.process_allgather(rows.data, tiled=True) if _is_global(
-      rows.data) else np.asarray(rows.data)
-  return np.asarray(full)[:rows.count]
 
