@@ -10,9 +10,9 @@ every process's result. The tests reuse it (tests/test_distributed.py).
 
 runs `uneven_worker`: an uneven corpus (each process holds a different number of
 rows), made global with `jaxsim.shard_rows`, searched with `topk`, summarised with
-`similarity_stats` and `pairs_above`, and searched through a `jaxsim.Index`; it prints
-whether each process's results equal the single-process call over all rows, and the
-timings.
+`similarity_stats` and `pairs_above`; it prints whether each process's results are
+bitwise equal to the single-process call over all rows on a mesh of as many devices,
+and the timings.
 
 This module imports no JAX at the top: a child process must set `XLA_FLAGS` first.
 """
@@ -157,7 +157,7 @@ def corpus(counts: list[int], d: int, q: int, seed: int):
 def uneven_worker(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
                   threshold: float = 0.6, max_pairs: int = 4096, seed: int = 0,
                   metrics: tuple[str, ...] = ("cosine", "sq_euclidean"),
-                  index: bool = True, repeats: int = 1) -> dict[str, Any]:
+                  index: bool = False, repeats: int = 1) -> dict[str, Any]:
   """Every process: its own rows -> `shard_rows` -> topk, stats, pairs, Index.search."""
   import jax
   import numpy as np
@@ -222,15 +222,22 @@ def mismatch_worker(d: int = 8) -> str:
 
 def reference(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
               threshold: float = 0.6, max_pairs: int = 4096, seed: int = 0,
-              metrics: tuple[str, ...] = ("cosine", "sq_euclidean"), index: bool = True,
-              repeats: int = 1) -> dict[str, Any]:
-  """The single-process results over all rows (run in the calling process)."""
+              metrics: tuple[str, ...] = ("cosine", "sq_euclidean"), index: bool = False,
+              repeats: int = 1, devices: int = 1) -> dict[str, Any]:
+  """The single-process results over all rows, on a mesh of this process's first
+  `devices` devices (run in the calling process).
+
+  With as many devices as the processes have in all, the corpus is cut into the same
+  shards, so the results must be bitwise equal.
+  """
   import jax
   import numpy as np
+  from jax.sharding import Mesh
 
   import jaxsim
 
   rows, queries = corpus(counts, d, q, seed)
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("rows",))
   out: dict[str, Any] = {"timings": {}, "count": rows.shape[0]}
 
   def timed(name, fn):
@@ -245,28 +252,29 @@ def reference(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
 
   for metric in metrics:
     out[f"topk/{metric}"] = timed(f"topk/{metric}",
-                                  lambda m=metric: jaxsim.topk(queries, rows, k, metric=m))
-  out["stats"] = timed("similarity_stats", lambda: tuple(jaxsim.similarity_stats(rows)))
+                                  lambda m=metric: jaxsim.topk(queries, rows, k, metric=m,
+                                                                mesh=mesh))
+  out["stats"] = timed("similarity_stats",
+                       lambda: tuple(jaxsim.similarity_stats(rows, mesh=mesh)))
   out["pairs"] = timed("pairs_above", lambda: tuple(jaxsim.pairs_above(
-      rows, threshold=threshold, max_pairs=max_pairs)))
+      rows, threshold=threshold, max_pairs=max_pairs, mesh=mesh)))
   if index:
     out["index_len"] = rows.shape[0]
-    out["index"] = timed("Index.search", lambda: jaxsim.Index(rows).search(queries, k))
+    idx = jaxsim.Index(rows, mesh=mesh)
+    out["index"] = timed("Index.search", lambda: idx.search(queries, k))
   return out
 
 
 def compare(result: dict[str, Any], ref: dict[str, Any]) -> dict[str, str]:
-  """Per output: "equal" (ids, counts and pairs exact, scores within 1e-5), or why not.
+  """Per output: "equal" when bitwise equal to the reference, else "DIFFERENT".
 
-  Scores are compared to 1e-5 (relative), not bitwise: the single-process call cuts
-  the corpus into other tiles, and float32 matmuls of other shapes may round the last
-  bit differently.
+  The reference runs on a single-process mesh of as many devices, so the corpus is
+  cut into the same shards and tiles: every id, count and score must match exactly.
   """
   import numpy as np
 
   def close(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-5)
+    return np.array_equal(np.asarray(a), np.asarray(b))
 
   verdict = {}
   for key in ref:
@@ -280,8 +288,7 @@ def compare(result: dict[str, Any], ref: dict[str, Any]) -> dict[str, str]:
             and close(got[2], want[2]) and int(got[3]) == int(want[3])
             and bool(got[4]) == bool(want[4]))
     elif key == "stats":
-      ok = all(np.array_equal(g, w) if np.asarray(w).dtype.kind in "iub" else close(g, w)
-               for g, w in zip(got, want))
+      ok = all(close(g, w) for g, w in zip(got, want))
     else:
       ok = got == want
     verdict[key] = "equal" if ok else "DIFFERENT"
@@ -303,13 +310,17 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--timeout", type=float, default=600)
   a = p.parse_args(argv)
+  devices = a.processes * a.devices_per_process
+  # The reference runs here, on as many devices as the processes have in all; JAX is
+  # not imported yet, so the flag still applies.
+  os.environ["XLA_FLAGS"] = _child_env(devices)["XLA_FLAGS"]
   counts = uneven_counts(a.processes, a.rows_per_process)
   kw = dict(counts=counts, d=a.dim, q=a.queries, repeats=a.repeats)
   t0 = time.perf_counter()
   results = launch("experiments.distributed:uneven_worker", processes=a.processes,
                    devices_per_process=a.devices_per_process, kwargs=kw, timeout=a.timeout)
   wall = time.perf_counter() - t0
-  ref = reference(**kw)
+  ref = reference(**kw, devices=devices)
   print(f"{a.processes} processes x {a.devices_per_process} CPU devices, rows per process "
         f"{counts} ({sum(counts)} in all, d={a.dim}), {a.queries} queries; launch + run "
         f"{wall:.1f} s")
