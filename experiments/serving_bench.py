@@ -24,6 +24,10 @@ Two parts, in one run:
    Targets (issue 16, 2-core CPU), at 16 queries: Index.search >= 1.0x faiss at its
    best, and >= 1.3x `topk` without an index.
 
+faiss's OpenMP worker threads spin after each call and slow the candidate timed
+next, so `Index / topk` is also measured in a second round-robin of the two jaxsim
+candidates alone ("pair"); the target is judged on that one.
+
 Agreement: Index.search's ids are compared with `topk`'s (identical order) and with
 faiss's (identical sets), so a fast wrong answer cannot pass.
 """
@@ -131,10 +135,16 @@ def run_batch(index, corpus_j, fidx, q, dim, k, rng, repeats) -> dict:
   }
   timings = harness.compare(fns, repeats=repeats, warmup=2)
   best = min(FAISS_ALL, key=lambda name: timings[name].median)
+  # faiss's OpenMP threads keep spinning after each call and slow whatever runs next;
+  # the two jaxsim candidates are also timed side by side without faiss in the round.
+  pair = harness.compare({INDEX: fns[INDEX], TOPK: fns[TOPK]}, repeats=max(repeats, 9),
+                         warmup=1)
   return {"queries": q, "k": k, "timings_s": {name: dict(t) for name, t in timings.items()},
+          "pair_timings_s": {name: dict(t) for name, t in pair.items()},
           "faiss_best": best, "agreement": agreement,
           "index_over_faiss_best": timings[best].median / timings[INDEX].median,
-          "index_over_topk": timings[TOPK].median / timings[INDEX].median}
+          "index_over_topk_with_faiss": timings[TOPK].median / timings[INDEX].median,
+          "index_over_topk": pair[TOPK].median / pair[INDEX].median}
 
 
 def main(argv=None) -> dict:
@@ -176,7 +186,8 @@ def main(argv=None) -> dict:
     table.append({"queries": r["queries"],
                   **{name: f"{t[name]['median'] * 1e3:.2f} ms" for name in t},
                   "Index / faiss best": r["index_over_faiss_best"],
-                  "Index / topk": r["index_over_topk"],
+                  "Index / topk": r["index_over_topk_with_faiss"],
+                  "Index / topk (pair)": r["index_over_topk"],
                   "same as topk": r["agreement"]["index_vs_topk_identical_order"],
                   "same sets as faiss": r["agreement"]["index_vs_faiss_identical_sets"]})
   print(f"\n{args.n} x {args.dim} corpus, k={args.k} (speed ratios: > 1 means Index is faster)")
