@@ -157,7 +157,7 @@ def corpus(counts: list[int], d: int, q: int, seed: int):
 def uneven_worker(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
                   threshold: float = 0.6, max_pairs: int = 4096, seed: int = 0,
                   metrics: tuple[str, ...] = ("cosine", "sq_euclidean"),
-                  index: bool = False, repeats: int = 1) -> dict[str, Any]:
+                  index: bool = True, repeats: int = 1) -> dict[str, Any]:
   """Every process: its own rows -> `shard_rows` -> topk, stats, pairs, Index.search."""
   import jax
   import numpy as np
@@ -222,7 +222,7 @@ def mismatch_worker(d: int = 8) -> str:
 
 def reference(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
               threshold: float = 0.6, max_pairs: int = 4096, seed: int = 0,
-              metrics: tuple[str, ...] = ("cosine", "sq_euclidean"), index: bool = False,
+              metrics: tuple[str, ...] = ("cosine", "sq_euclidean"), index: bool = True,
               repeats: int = 1, devices: int = 1) -> dict[str, Any]:
   """The single-process results over all rows, on a mesh of this process's first
   `devices` devices (run in the calling process).

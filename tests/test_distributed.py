@@ -113,3 +113,18 @@ def test_bad_input(mesh4):
   other = Mesh(np.array(jax.devices()[4:8]), ("rows",))
   with pytest.raises(ValueError, match="`mesh`"):
     jaxsim.topk(rows[:2], srows, 1, mesh=other)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sq_euclidean"])
+def test_index_over_sharded_rows(mesh4, metric):
+  rng = np.random.default_rng(1)
+  rows = rng.normal(size=(1001, 24)).astype(np.float32)
+  queries = rng.normal(size=(5, 24)).astype(np.float32)
+  index = jaxsim.Index(jaxsim.shard_rows(rows, mesh4), metric=metric)
+  assert len(index) == 1001
+  for got, want in zip(index.search(queries, 6),
+                       jaxsim.Index(rows, metric=metric, mesh=mesh4).search(queries, 6)):
+    np.testing.assert_array_equal(got, want)
+  want_scores, _ = reference.topk(getattr(reference, metric)(queries, rows), 6,
+                                  largest=metric == "cosine")
+  np.testing.assert_allclose(index.search(queries, 6)[0], want_scores, rtol=1e-5, atol=1e-4)

@@ -451,3 +451,80 @@ def _stats(x, y, *, xc, yc, mesh, options):
 
 
 
+
+
+# --- an Index over processes --------------------------------------------------------
+
+
+def _local_sums(rows: ShardedRows) -> tuple[np.ndarray, int]:
+  """float64 sum and count of this process's real, finite rows (its devices' shards)."""
+  total, count = np.zeros((rows.data.shape[1],), np.float64), 0
+  for shard in rows.data.addressable_shards:
+    start = shard.index[0].start or 0
+    block = np.asarray(shard.data, np.float64)[:max(0, rows.count - start)]
+    if shard.replica_id != 0:
+      continue  # a copy of rows another device already counts
+    finite = np.all(np.isfinite(block), axis=1)
+    total += block[finite].sum(axis=0)
+    count += int(finite.sum())
+  return total, count
+
+
+def _global_shift(rows: ShardedRows, dtype) -> np.ndarray:
+  """`kernels.centre` of all real rows, as `index._host_shift` rounds it."""
+  from jaxsim._src import index  # index imports this module
+
+  total, count = _local_sums(rows)
+  if jax.process_count() > 1:
+    # float64 travels as int32 words: the allgather keeps 32-bit types without x64.
+    words = np.concatenate([total.view(np.int32), np.array([count], np.int32)])
+    table = np.asarray(multihost_utils.process_allgather(words))
+    total = table[:, :-1].copy().view(np.float64).sum(axis=0)
+    count = int(table[:, -1].sum())
+  return index._host_shift([(total / max(count, 1))[None]], dtype)
+
+
+def index_parts(rows: ArrayLike | ShardedRows, *, metric: str, mesh: Mesh | None,
+                page_rows: int | None, precision) -> dict[str, Any]:
+  """The storage of a `jaxsim.Index` over rows spread over processes.
+
+  Each process passes its own rows (or all pass one `ShardedRows`); they become one
+  sharded storage, ids in process order, as `shard_rows` numbers them.
+
+  Returns:
+    The keyword arguments of `Index._from_parts`.
+  """
+  from jaxsim._src import buckets, index, kernels, search  # they import this module
+
+  if isinstance(rows, ShardedRows):
+    mesh = _mesh_for(rows, mesh)
+  else:
+    check_mesh(mesh)
+    rows = shard_rows(rows, mesh)
+  d, dtype = rows.data.shape[1], np.dtype(rows.dtype)
+  unit = search.GROUP * mesh.size
+  page = index.default_page_rows(d, mesh) if page_rows is None else page_rows
+  if page % unit:
+    raise ValueError(f"`page_rows` must be a multiple of {unit} (32 x {mesh.size} devices), "
+                     f"got {page}.")
+  acc = kernels.accum_dtype(dtype)
+  shift = (_global_shift(rows, dtype) if metric in kernels.DISTANCES
+           else np.zeros((1, d), acc))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shift = jax.make_array_from_callback(shift.shape, replicated, lambda i: shift[i])
+  capacity = buckets.capacity_bucket(rows.count, page=page)
+  storage, aux = _prepare_storage(rows.data, shift, metric=metric, capacity=capacity,
+                                  out=NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
+  return dict(metric=metric, mesh=mesh, store="device", page=page, precision=precision,
+              dtype=dtype, dim=d, shift=shift, count=rows.count, rows=storage, aux=aux)
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "capacity", "out"))
+def _prepare_storage(data, shift, *, metric, capacity, out):
+  from jaxsim._src import kernels  # kernels is imported by search, which imports this
+
+  pad = capacity - data.shape[0]
+  prepared = kernels.prepare(jnp.pad(data, ((0, pad), (0, 0))), metric,
+                             shift=shift if metric in kernels.DISTANCES else None)
+  return (jax.lax.with_sharding_constraint(prepared.rows, out),
+          jax.lax.with_sharding_constraint(prepared.aux, out))
