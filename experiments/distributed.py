@@ -202,8 +202,12 @@ def uneven_worker(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
   return out
 
 
-def mismatch_worker(d: int = 8) -> str:
-  """Every process passes different queries: each must raise, naming `queries`."""
+def mismatch_worker(d: int = 8) -> list[str]:
+  """Bad multi-process calls; returns each one's error message (or "no error").
+
+  Each process passes different queries (each must raise, naming `queries`), a
+  different threshold, and a process-local corpus with a mesh over every process
+  (an error naming `mesh`)."""
   import jax
   import numpy as np
   from jax.sharding import Mesh
@@ -213,11 +217,20 @@ def mismatch_worker(d: int = 8) -> str:
   me = jax.process_index()
   mesh = Mesh(np.array(jax.devices()), ("rows",))
   rows = jaxsim.shard_rows(np.ones((3 + me, d), np.float32), mesh)
-  try:
-    jaxsim.topk(np.full((2, d), float(me), np.float32), rows, 1)
-  except ValueError as err:
-    return str(err)
-  return "no error"
+  calls = [
+      lambda: jaxsim.topk(np.full((2, d), float(me), np.float32), rows, 1),
+      lambda: jaxsim.pairs_above(rows, threshold=0.5 + me, max_pairs=4),
+      lambda: jaxsim.topk(np.ones((2, d), np.float32), np.ones((5, d), np.float32), 1,
+                          mesh=mesh),
+  ]
+  messages = []
+  for call in calls:
+    try:
+      call()
+      messages.append("no error")
+    except ValueError as err:
+      messages.append(str(err))
+  return messages
 
 
 def reference(counts: list[int], d: int = 32, q: int = 16, k: int = 10,

@@ -52,11 +52,13 @@ def test_two_processes_equal_single_process(two_by_two):
   assert int(results[0]["stats"][0]) == rows.shape[0] * (rows.shape[0] - 1) // 2
 
 
-def test_differing_queries_raise_on_every_process():
+def test_bad_multi_process_calls_raise_on_every_process():
   messages = launcher.launch("experiments.distributed:mismatch_worker", processes=2,
                              devices_per_process=1, timeout=60)
-  for message in messages:
-    assert "`queries` differs between processes" in message
+  for queries, threshold, local in messages:
+    assert "`queries` differs between processes" in queries
+    assert "`threshold` differs between processes" in threshold
+    assert local.startswith("`mesh` spans 2 processes") and "`corpus` is local" in local
 
 
 @pytest.fixture
