@@ -301,7 +301,7 @@ def compare(result: dict[str, Any], ref: dict[str, Any]) -> dict[str, str]:
             and close(got[2], want[2]) and int(got[3]) == int(want[3])
             and bool(got[4]) == bool(want[4]))
     elif key == "stats":
-      ok = all(close(g, w) for g, w in zip(got, want))
+      ok = all(close(g, w) for g, w in zip(got, want, strict=True))
     else:
       ok = got == want
     verdict[key] = "equal" if ok else "DIFFERENT"

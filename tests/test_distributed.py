@@ -77,7 +77,7 @@ def test_sharded_rows_one_process(mesh4, n, metric):
   assert srows.data.shape[0] % 4 == 0 and srows.data.shape[0] >= n
   np.testing.assert_array_equal(srows.gather(), rows)
   for got, want in zip(jaxsim.topk(queries, srows, 12, metric=metric),
-                       jaxsim.topk(queries, rows, 12, metric=metric, mesh=mesh4)):
+                       jaxsim.topk(queries, rows, 12, metric=metric, mesh=mesh4), strict=True):
     np.testing.assert_array_equal(got, want)
   # About 3 standard deviations out: a few hundred pairs, all kept.
   threshold = {"cosine": 0.5, "dot": 17.0, "sq_euclidean": 20.0}[metric]
@@ -85,11 +85,12 @@ def test_sharded_rows_one_process(mesh4, n, metric):
   want = jaxsim.pairs_above(rows, threshold=threshold, max_pairs=4096, metric=metric,
                             mesh=mesh4)
   assert 0 < int(got.count) < 4096
-  for g, w in zip(got, want):
+  for g, w in zip(got, want, strict=True):
     np.testing.assert_array_equal(g, w)
   kw = {} if metric == "cosine" else {"range": (-40.0, 200.0)}
-  for g, w in zip(jaxsim.similarity_stats(queries, srows, metric=metric, **kw),
-                  jaxsim.similarity_stats(queries, rows, metric=metric, mesh=mesh4, **kw)):
+  want = jaxsim.similarity_stats(queries, rows, metric=metric, mesh=mesh4, **kw)
+  for g, w in zip(jaxsim.similarity_stats(queries, srows, metric=metric, **kw), want,
+                  strict=True):
     np.testing.assert_array_equal(g, w)
 
 
@@ -99,7 +100,8 @@ def test_sharded_array_implies_its_mesh(mesh4):
       mesh4, jax.sharding.PartitionSpec("rows")))
   from jaxsim._src import distributed
   assert distributed.resolve_mesh(None, sharded) is mesh4
-  for g, w in zip(jaxsim.topk(rows[:5], sharded, 3), jaxsim.topk(rows[:5], rows, 3, mesh=mesh4)):
+  want = jaxsim.topk(rows[:5], rows, 3, mesh=mesh4)
+  for g, w in zip(jaxsim.topk(rows[:5], sharded, 3), want, strict=True):
     np.testing.assert_array_equal(g, w)
 
 
@@ -124,8 +126,8 @@ def test_index_over_sharded_rows(mesh4, metric):
   queries = rng.normal(size=(5, 24)).astype(np.float32)
   index = jaxsim.Index(jaxsim.shard_rows(rows, mesh4), metric=metric)
   assert len(index) == 1001
-  for got, want in zip(index.search(queries, 6),
-                       jaxsim.Index(rows, metric=metric, mesh=mesh4).search(queries, 6)):
+  single = jaxsim.Index(rows, metric=metric, mesh=mesh4).search(queries, 6)
+  for got, want in zip(index.search(queries, 6), single, strict=True):
     np.testing.assert_array_equal(got, want)
   want_scores, _ = reference.topk(getattr(reference, metric)(queries, rows), 6,
                                   largest=metric == "cosine")

@@ -43,7 +43,6 @@ from jax.typing import ArrayLike
 
 from jaxsim._src import sharding, validation
 
-
 # --- meshes -----------------------------------------------------------------------
 
 
@@ -315,8 +314,9 @@ def shard_rows(local_rows: ArrayLike, mesh: Mesh, *,
   # Source layout: process p's rows cut into blocks of `block` rows, block j on p's
   # j-th device (in mesh order), each device one block of the source array.
   positions = [[i for i, dev in enumerate(flat) if dev.process_index == p] for p in range(procs)]
-  block = max(1, max(-(-int(c) // max(1, len(pos))) for c, pos in zip(counts, positions)))
-  if any(c and not pos for c, pos in zip(counts, positions)):
+  pairs = list(zip(counts, positions, strict=True))
+  block = max(1, max(-(-int(c) // max(1, len(pos))) for c, pos in pairs))
+  if any(c and not pos for c, pos in pairs):
     raise ValueError(f"`mesh` (mesh.shape={dict(mesh.shape)}) holds no device of a process "
                      "that has rows; build it over every process's devices.")
   src_sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
