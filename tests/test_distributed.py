@@ -132,3 +132,12 @@ def test_index_over_sharded_rows(mesh4, metric):
   want_scores, _ = reference.topk(getattr(reference, metric)(queries, rows), 6,
                                   largest=metric == "cosine")
   np.testing.assert_allclose(index.search(queries, 6)[0], want_scores, rtol=1e-5, atol=1e-4)
+
+
+def test_docstring_examples():
+  import doctest
+
+  from jaxsim._src import distributed
+
+  result = doctest.testmod(distributed, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
