@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
   # not imported yet, so the flag still applies.
   os.environ["XLA_FLAGS"] = _child_env(devices)["XLA_FLAGS"]
   counts = uneven_counts(a.processes, a.rows_per_process)
-  kw = dict(counts=counts, d=a.dim, q=a.queries, repeats=a.repeats)
+  # max_pairs holds every pair over 0.6 at the default sizes (about 12,600).
+  kw = dict(counts=counts, d=a.dim, q=a.queries, repeats=a.repeats, max_pairs=1 << 15)
   t0 = time.perf_counter()
   results = launch("experiments.distributed:uneven_worker", processes=a.processes,
                    devices_per_process=a.devices_per_process, kwargs=kw, timeout=a.timeout)
