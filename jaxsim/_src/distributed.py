@@ -440,17 +440,29 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
   mesh = _mesh_for(rows, mesh)
   _check_inputs({"x": x, "y": y}, options)
   (xd, xc), (yd, yc) = _unpack(x), _unpack(y)
-  return _stats(xd, yd, xc=xc, yc=yc, mesh=mesh, options=_options(options))
+  from jaxsim._src import kernels, stats  # stats imports this module
+
+  ends = None
+  if hasattr(stats, "check_range"):
+    # Where `similarity_stats` takes the histogram range as a runtime value, it is
+    # passed in as one here too: ends that are constants of this program would be
+    # folded into edges that can round differently from the direct call's.
+    ends = options.pop("range", None)
+    if ends is None and options.get("metric", "cosine") == "cosine":
+      ends = (-1.0, 1.0)
+    if ends is not None:
+      acc = kernels.accum_dtype(xd.dtype)
+      ends = np.asarray(ends, acc)  # one (2,) array: a tuple of tracers is not array-like
+  return _stats(xd, yd, ends, xc=xc, yc=yc, mesh=mesh, options=_options(options))
 
 
 @functools.partial(jax.jit, static_argnames=("xc", "yc", "mesh", "options"))
-def _stats(x, y, *, xc, yc, mesh, options):
+def _stats(x, y, ends, *, xc, yc, mesh, options):
   from jaxsim._src import stats  # stats imports this module
+
+  options = dict(options) if ends is None else {**dict(options), "range": ends}
   return _replicated(mesh, stats.similarity_stats(
-      _side(x, xc), None if y is None else _side(y, yc), mesh=mesh, **dict(options)))
-
-
-
+      _side(x, xc), None if y is None else _side(y, yc), mesh=mesh, **options))
 
 
 # --- an Index over processes --------------------------------------------------------
