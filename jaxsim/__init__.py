@@ -3,6 +3,8 @@
 from jaxsim._src.attention import attention as attention
 from jaxsim._src.attention import attention_scores as attention_scores
 from jaxsim._src.attention import attention_weights as attention_weights
+from jaxsim._src.distributed import ShardedRows as ShardedRows
+from jaxsim._src.distributed import shard_rows as shard_rows
 from jaxsim._src.index import Index as Index
 from jaxsim._src.kernels import cosine as cosine
 from jaxsim._src.kernels import dot as dot
@@ -36,6 +38,8 @@ __all__ = (
     "paraphrase_mining",
     "scaled_dot",
     "semantic_search",
+    "shard_rows",
+    "ShardedRows",
     "similarity_stats",
     "SimilarityStats",
     "sq_euclidean",

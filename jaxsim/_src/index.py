@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, buckets, kernels, search, sharding, validation
+from jaxsim._src import blockscan, buckets, distributed, kernels, search, sharding, validation
 
 FORMAT = "jaxsim.Index"
 FORMAT_VERSION = 1
@@ -263,6 +263,13 @@ class Index:
       raise ValueError(f"`store` must be one of {STORES}, got {store!r}.")
     if store == "host" and mesh is not None:
       raise ValueError("`store='host'` streams pages to one device; it takes no `mesh`.")
+    if isinstance(rows, distributed.ShardedRows) or distributed.spans_processes(mesh):
+      if store != "device":
+        raise ValueError("An Index over rows spread over processes takes store='device'.")
+      # Each process passes its own rows; ids run in process order.
+      self.__dict__.update(type(self)._from_parts(**distributed.index_parts(
+          rows, metric=metric, mesh=mesh, page_rows=page_rows, precision=precision)).__dict__)
+      return
     rows = _to_host(rows, "rows")
     validation.check_rank(rows, "rows", min_rank=2, max_rank=2)
     d = rows.shape[1]
@@ -412,6 +419,9 @@ class Index:
     self._add(rows, set_shift=True)
 
   def _add(self, rows, *, set_shift):
+    if distributed.spans_processes(self._mesh):
+      raise ValueError("`Index.add` on an index over several processes is not supported: "
+                       "build a new Index from every process's rows.")
     rows = self._check_rows(rows, "rows")
     m = rows.shape[0]
     if m == 0:
@@ -491,9 +501,12 @@ class Index:
     if self._store == "host":
       scores, ids = self._search_host(padded, kb, progress)
     else:
+      if distributed.spans_processes(self._mesh):
+        distributed.check_replicated(queries=queries, k=k)
       scores, ids = _search_device(self._rows, self._aux, self._shift, np.int32(self._count),
                                    padded, k=kb, metric=self._metric, page=self._page,
                                    mesh=self._mesh, precision=self._precision)
+      scores, ids = distributed.replicate((scores, ids), self._mesh)
     if (qb, kb) == (q, k):
       return scores, ids
     # Cut on the host: an eager slice would compile a program per (q, k).

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, defaults, kernels, sharding, stats, validation
+from jaxsim._src import blockscan, defaults, distributed, kernels, sharding, stats, validation
 
 # The prefilter's group size: each tile's top-k is taken among the k best groups of
 # `GROUP` consecutive corpus rows (ranked by their maximum), which is exact (every
@@ -143,7 +143,12 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     >>> idx
     Array([[0, 2]], dtype=int32)
   """
+  if isinstance(corpus, distributed.ShardedRows):
+    return distributed.topk(queries, corpus, k, mesh=mesh, metric=metric, block_size=block_size,
+                            query_block_size=query_block_size, exclude_self=exclude_self,
+                            approx=approx, recall_target=recall_target, precision=precision)
   kernels.check_metric(metric)
+  mesh = distributed.prepare_call(mesh, corpus, queries=queries, k=k)
   queries, corpus = validation.matrices(queries, corpus, x_name="queries", y_name="corpus")
   k = validation.check_positive_int(k, "k")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
@@ -371,7 +376,14 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     >>> p.rows, p.cols, int(p.count)
     (Array([ 0, -1, -1, -1], dtype=int32), Array([ 2, -1, -1, -1], dtype=int32), 1)
   """
+  if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
+    return distributed.pairs_above(x, y, threshold=threshold, max_pairs=max_pairs, mesh=mesh,
+                                   metric=metric, block_size=block_size,
+                                   query_block_size=query_block_size, precision=precision)
   kernels.check_metric(metric)
+  mesh = distributed.prepare_call(mesh, x if y is None else y, name="x" if y is None else "y",
+                                  **({} if y is None else {"x": x}), threshold=threshold,
+                                  max_pairs=max_pairs)
   x, y = validation.matrices(x, y)
   threshold = validation.check_scalar(threshold, "threshold")
   max_pairs = validation.check_positive_int(max_pairs, "max_pairs")

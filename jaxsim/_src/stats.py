@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, defaults, kernels, sharding, validation
+from jaxsim._src import blockscan, defaults, distributed, kernels, sharding, validation
 
 _LO_BITS = 24
 _LO_MASK = (1 << _LO_BITS) - 1
@@ -232,7 +232,15 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     >>> int(st.count), float(st.share_nonnegative) > 0.4
     (124750, True)
   """
+  if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
+    return distributed.similarity_stats(
+        x, y, mesh=mesh, metric=metric, bins=bins, range=range,
+        exclude_diagonal=exclude_diagonal, block_size=block_size,
+        query_block_size=query_block_size, precision=precision)
   kernels.check_metric(metric)
+  mesh = distributed.prepare_call(mesh, x if y is None else y, name="x" if y is None else "y",
+                                  **({} if y is None else {"x": x}), metric=metric, bins=bins,
+                                  range=range)
   x, y = validation.matrices(x, y)
   bins = validation.check_positive_int(bins, "bins")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
