@@ -296,7 +296,7 @@ def _insert(found: _Found, mask: jax.Array, s: jax.Array, ids: jax.Array, cols: 
   total = jnp.sum(mask, dtype=jnp.int32)
   # jnp.nonzero lists the tile's pairs row-major: its first `size` are its smallest.
   r, c = jnp.nonzero(mask, size=size, fill_value=0)
-  used = jnp.arange(size) < jnp.minimum(total, size)
+  used = jnp.arange(size, dtype=jnp.int32) < jnp.minimum(total, size)
   new_rows = jnp.where(used, ids[r], _INT32_MAX)
   new_cols = jnp.where(used, cols[c], _INT32_MAX)
   new_scores = s[r, c]

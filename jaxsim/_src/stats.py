@@ -57,9 +57,13 @@ def wide_sum(a: WideCount, b: WideCount) -> WideCount:
   return WideCount(a.hi + b.hi + (lo >> _LO_BITS), lo & _LO_MASK)
 
 
-def wide_float(w: WideCount) -> jax.Array:
-  """The count as float32, rounded once (`hi * 2**24` is exact below 2**48)."""
-  return w.hi.astype(jnp.float32) * float(1 << _LO_BITS) + w.lo.astype(jnp.float32)
+def wide_float(w: WideCount, dtype=jnp.float32) -> jax.Array:
+  """The count as a float of `dtype`, rounded once (`hi * 2**24` is exact below 2**48).
+
+  The statistics divide by it in their accumulation dtype: a float32 count of 16.8M
+  pairs would be off by one and bias a float64 mean by 6e-8.
+  """
+  return w.hi.astype(dtype) * float(1 << _LO_BITS) + w.lo.astype(dtype)
 
 
 def wide_greater(w: WideCount, p: int) -> jax.Array:
@@ -109,7 +113,7 @@ def _empty(bins: int, dtype) -> _Moments:
 def _combine(a: _Moments, b: _Moments) -> _Moments:
   """Merges two summaries: Chan et al.'s pairwise update for the squared deviations,
   compensated (two-sum) accumulation of the sums, exact integer counts."""
-  na, nb = wide_float(a.count), wide_float(b.count)
+  na, nb = wide_float(a.count, a.total.dtype), wide_float(b.count, b.total.dtype)
   n = na + nb
   both = (na > 0) & (nb > 0)
   safe = lambda v: jnp.where(v > 0, v, 1.0)
@@ -348,11 +352,11 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
   total = jax.tree.map(lambda leaf: leaf[0], parts)
   for i in range(1, sharding.num_shards(mesh)):
     total = _combine(total, jax.tree.map(lambda leaf, i=i: leaf[i], parts))
-  count = wide_float(total.count)
+  count = wide_float(total.count, acc_dtype)
   mean = (total.total + total.total_err) / count
   var = jnp.maximum(total.m2 + total.m2_err, 0.0) / count
   return SimilarityStats(
       count=wide_result(total.count, bound), mean=mean, std=jnp.sqrt(var), min=total.min,
-      max=total.max, share_nonnegative=wide_float(total.nonneg) / count,
+      max=total.max, share_nonnegative=wide_float(total.nonneg, acc_dtype) / count,
       histogram=wide_result(total.hist, bound),
       bin_edges=make_edges())
