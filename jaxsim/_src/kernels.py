@@ -91,7 +91,7 @@ def unit_rows(x: jax.Array, eps: float | jax.Array = 0.0) -> tuple[jax.Array, ja
   Returns:
     `(unit, sq_norm)`: `(..., n, d)` rows in `accum_dtype(x.dtype)` and their `(..., n)`
     squared norms: 1 for rows above the clamp, `||x||^2 / eps` below it, 0 for zero
-    rows.
+    rows, NaN for rows with an infinite or NaN entry.
   """
   acc = accum_dtype(x.dtype)
   xf = x.astype(acc)
@@ -107,7 +107,11 @@ def unit_rows(x: jax.Array, eps: float | jax.Array = 0.0) -> tuple[jax.Array, ja
   inv_eps = jnp.where(root_eps > 0, 1.0 / jnp.where(root_eps > 0, root_eps, 1.0), 0.0)
   unit = jnp.where(clamped, xf * inv_eps, xs * jax.lax.rsqrt(jnp.where(clamped, 1.0, sumsq)))
   sq_norm = jnp.where(clamped, jnp.square(norm * inv_eps), 1.0)
-  return unit, jnp.where(nonzero, sq_norm, 0.0)[..., 0]
+  sq_norm = jnp.where(nonzero, sq_norm, 0.0)
+  # NaN marks a row with a non-finite entry, so that `score` can make its cosines NaN
+  # explicitly (the clip to [-1, 1] may turn a NaN into a bound in fused code).
+  finite = jnp.all(jnp.isfinite(xf), axis=-1, keepdims=True)
+  return unit, jnp.where(finite, sq_norm, jnp.nan)[..., 0]
 
 
 def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
@@ -202,7 +206,8 @@ def score(xp: Prepared, yp: Prepared, metric: str, *, scale: float | jax.Array |
     rows = (rows.astype(acc) * s).astype(rows.dtype)
   dots = matmul_t(rows, yp.rows, precision)
   if metric == "cosine":
-    return jnp.clip(dots, -1.0, 1.0)
+    finite = jnp.isfinite(xp.aux[..., :, None]) & jnp.isfinite(yp.aux[..., None, :])
+    return jnp.where(finite, jnp.clip(dots, -1.0, 1.0), jnp.nan)
   if metric in DISTANCES:
     ax, ay = xp.aux[..., :, None], yp.aux[..., None, :]
     sq = jnp.where(jnp.isfinite(ax) & jnp.isfinite(ay), jnp.maximum(ax + ay - 2.0 * dots, 0.0),
