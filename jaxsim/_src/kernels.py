@@ -41,8 +41,9 @@ class Prepared(NamedTuple):
     rows: `(..., n, d)` rows in the input dtype: unit rows for cosine, centred rows
       for the Euclidean metrics, the raw rows otherwise.
     aux: `(..., n)` float32 per-row values the finish needs: squared norms of the
-      centred rows for the Euclidean metrics, 1.0 for kept / 0.0 for zero rows for
-      cosine, unused (zeros) otherwise.
+      centred rows for the Euclidean metrics, squared norms of the unit rows for
+      cosine (1.0, less for rows under the `eps` clamp, 0.0 for zero rows), unused
+      (zeros) otherwise. NaN or inf marks a row with a non-finite entry.
   """
 
   rows: jax.Array
@@ -329,8 +330,8 @@ def device_memory(device) -> int | None:
 
 def check_dense_fits(x, y, name: str) -> None:
   """Raises before a dense score matrix that cannot fit in memory is attempted."""
-  n, m = x.shape[-2] if x.ndim > 1 else 1, (x if y is None else y)
-  m = m.shape[-2] if m.ndim > 1 else 1
+  rows = lambda a: a.shape[-2] if a.ndim > 1 else 1
+  n, m = rows(x), rows(x if y is None else y)
   batch = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2])
   # The float32 scores plus the result in the input dtype.
   need = int(np.prod(batch, dtype=np.int64)) * n * m * (
@@ -416,19 +417,22 @@ def cosine(x: ArrayLike, y: ArrayLike | None = None, *, eps: float = 0.0,
            precision=None) -> jax.Array:
   r"""Pairwise cosine similarity :math:`s_{ij} = \hat x_i \cdot \hat y_j`.
 
-  With :math:`\hat x = x / \lVert x \rVert`. Each row is normalised once (O(n d)),
-  then one matmul; values are clipped to `[-1, 1]`. A zero row (or one with norm
-  `<= eps`) has cosine 0 against everything, with a zero gradient, never NaN. For
-  `y=None` the diagonal is exactly 1 for nonzero rows. Normalisation divides by the
-  row's largest entry first, so fp16 rows of large magnitude and float32 rows of
-  magnitude 1e-30 are both exact. XLA flushes subnormal numbers to zero, so a row
-  whose entries are all subnormal counts as a zero row.
+  With :math:`\hat x = x / \sqrt{\max(\lVert x \rVert^2, \epsilon)}`. Each row is
+  normalised once (O(n d)), then one matmul; values are clipped to `[-1, 1]`. A zero
+  row has cosine 0 against everything, with a zero gradient, never NaN; a row with an
+  infinite or NaN entry has NaN cosines. For `y=None` the diagonal is exactly 1 for
+  rows above the clamp. Normalisation divides by the row's largest entry first, so
+  fp16 rows of large magnitude and float32 rows of magnitude 1e-30 are both exact,
+  gradients included. XLA flushes subnormal numbers to zero, so a row whose entries
+  are all subnormal counts as a zero row.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.
     y: `(..., m, d)` array, a `(d,)` vector, or `None` for `x` against itself.
-    eps: rows whose Euclidean norm is `<= eps` are treated as zero vectors. This is a
-      threshold, not a clamp: rows above it are normalised exactly.
+    eps: `>= 0`, a clamp on each row's squared norm, the convention of optax's
+      `cosine_similarity` `epsilon` (not torch's `eps`, which clamps the product of
+      the two norms): a row of norm 1e-3 against its own direction gives 0.1 with
+      `eps=1e-4`. The default 0 normalises every nonzero row exactly.
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
@@ -465,8 +469,12 @@ def sq_euclidean(x: ArrayLike, y: ArrayLike | None = None, *, precision=None) ->
   r"""Pairwise squared Euclidean distances :math:`\lVert x_i - y_j \rVert^2`.
 
   Computed as :math:`\lVert x_i\rVert^2 + \lVert y_j\rVert^2 - 2 x_i \cdot y_j` on rows
-  centred at the mean of `y`, which keeps the cancellation error small for data far
-  from the origin. Results are clamped at 0, and for `y=None` the diagonal is exactly 0.
+  centred at the mean of `y`, one matmul; the pairs closer than :math:`2^{-5}` of
+  their squared norms, where that expansion's rounding error would dominate, are
+  recomputed directly as :math:`\sum_k (x_{ik} - y_{jk})^2` (see
+  `jaxsim._src.refine`), so near-duplicates get their float32 distance and equal rows
+  exactly 0. A pair with an infinite or NaN entry gets the direct difference's IEEE
+  value (inf or NaN). Gradients are those of the expansion.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.
