@@ -45,7 +45,7 @@ RHO = 2.0**-5
 # Extra top-k candidates kept by the expansion and recomputed exactly.
 TOPK_EXTRA = 16
 # Pairs recomputed per step of the refinement loop.
-CHUNK = 1024
+CHUNK = 4096
 
 
 def error_bound(aux_x: jax.Array, aux_y: jax.Array, d: int, in_dtype) -> jax.Array:

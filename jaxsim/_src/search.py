@@ -215,66 +215,121 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
     `(scores, ids)`, `(q, k)`, in the accumulation dtype, best first.
   """
   euclid = metric in kernels.DISTANCES
-  k_final = k
-  if euclid:
-    k = k + refine.TOPK_EXTRA
   q = qp.rows.shape[0]
   rows_total = jax.tree.leaves(corpus)[0].shape[0]
   qb, nb = stats.tile_sizes(q, sharding.shard_rows(rows_total, mesh), block_size,
                             query_block_size, multiple=GROUP, tile=TOPK_TILE_SCORES)
   # Padding the queries once to whole blocks makes `block_map`'s blocking a reshape.
   q_pad = -(-q // qb) * qb
-  padded = (jnp.pad(qp.rows, ((0, q_pad - q), (0, 0))), jnp.pad(qp.aux, (0, q_pad - q)),
-            jnp.arange(q_pad, dtype=jnp.int32))
+  pad = lambda v: jnp.pad(v, ((0, q_pad - q),) + ((0, 0),) * (v.ndim - 1))
+  padded = (pad(qp.rows), pad(qp.aux), jnp.arange(q_pad, dtype=jnp.int32))
   acc = qp.aux.dtype
+  n = jnp.asarray(n, jnp.int32)
 
-  def local(shard, offset, padded, shift, n):
-    init = (jnp.full((q_pad, k), -jnp.inf, acc), jnp.full((q_pad, k), -1, jnp.int32))
+  def scan(tile, width, extra):
+    """The streamed top-`width` of keys `tile(s_hat, block rows, ...)` gives each tile."""
 
-    def step(carry, block, start, valid):
-      bp = prepare_block(block, shift)
-      first = offset + start
-      cols = first + jnp.arange(bp.rows.shape[0], dtype=jnp.int32)
-      col_ok = valid & (cols < n)
+    def local(shard, offset, padded, extra, shift, n):
+      init = (jnp.full((q_pad, width), -jnp.inf, acc), jnp.full((q_pad, width), -1, jnp.int32))
 
-      def tile(args):
-        best, best_ids, rows, aux, ids = args
-        s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
-        keep = col_ok[None, :]
-        if exclude_self:
-          keep = keep & (ids[:, None] != cols[None, :])
-        return _merge_tile(best, best_ids, _keys(s, metric, keep), first, k, approx,
-                           recall_target)
+      def step(carry, block, start, valid):
+        bp = prepare_block(block, shift)
+        first = offset + start
+        cols = first + jnp.arange(bp.rows.shape[0], dtype=jnp.int32)
+        col_ok = valid & (cols < n)
 
-      return blockscan.block_map(tile, (*carry, *padded), block_size=qb)
+        def one(args):
+          best, best_ids, rows, aux, ids, *more = args
+          qp_block = kernels.Prepared(rows, aux)
+          keep = col_ok[None, :]
+          if exclude_self:
+            keep = keep & (ids[:, None] != cols[None, :])
+          key = tile(qp_block, block, bp, keep, *more)
+          return _merge_tile(best, best_ids, key, first, width, approx, recall_target)
 
-    return blockscan.block_scan(step, init, shard, block_size=nb, pad_tail=False)
+        return blockscan.block_map(one, (*carry, *padded, *extra), block_size=qb)
 
-  best, best_ids = sharding.map_shards(local, corpus, padded, shift, jnp.asarray(n, jnp.int32),
-                                       mesh=mesh)
-  if best.shape[0] > 1:
-    # Shards in device order hold increasing ids, so position ties are id ties.
-    best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
-    best_ids = jnp.moveaxis(best_ids, 0, 1).reshape(q_pad, -1)
-    best, pos = lax.top_k(best, k)
-    best_ids = jnp.take_along_axis(best_ids, pos, axis=1)
-  else:
-    best, best_ids = best[0], best_ids[0]
-  if not euclid:
-    best, best_ids = best[:q], best_ids[:q]
+      return blockscan.block_scan(step, init, shard, block_size=nb, pad_tail=False)
+
+    best, best_ids = sharding.map_shards(local, corpus, padded, extra, shift, n, mesh=mesh)
+    if best.shape[0] > 1:
+      # Shards in device order hold increasing ids, so position ties are id ties.
+      best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
+      best_ids = jnp.moveaxis(best_ids, 0, 1).reshape(q_pad, -1)
+      best, pos = lax.top_k(best, width)
+      best_ids = jnp.take_along_axis(best_ids, pos, axis=1)
+    else:
+      best, best_ids = best[0], best_ids[0]
     return best, best_ids
-  a = queries if queries is not None else qp.rows
-  a = jnp.pad(a, ((0, q_pad - q), (0, 0)))
-  best, best_ids = _refine_candidates(a, best, best_ids, corpus, shift, prepare_block,
-                                      raw=queries is not None, k=k_final, metric=metric)
-  # Distances are >= 0: abs also turns the -0.0 of a negated zero key into 0.0.
-  return jnp.abs(best[:q]), best_ids[:q]
+
+  if not euclid:
+    best, best_ids = scan(
+        lambda qp_block, block, bp, keep: _keys(
+            kernels.score(qp_block, bp, metric, precision=precision), metric, keep), k, ())
+    return best[:q], best_ids[:q]
+
+  # Euclidean: (1) the k + TOPK_EXTRA best by the expansion, recomputed directly;
+  # (2) for queries where the error bound cannot rule out a row outside those
+  # candidates (tight clusters), a second scan that recomputes every row the bound
+  # leaves in reach of the k-th distance. Keys are negated squared distances.
+  a = pad(queries if queries is not None else qp.rows)
+  d = a.shape[-1]
+  raw = queries is not None
+  width = k + refine.TOPK_EXTRA
+  hat, hat_ids = scan(
+      lambda qp_block, block, bp, keep: _keys(
+          kernels.score(qp_block, bp, "sq_euclidean", precision=precision), metric, keep),
+      width, ())
+  best, best_ids = _refine_candidates(a, hat, hat_ids, corpus, shift, prepare_block,
+                                      raw=raw, k=k)
+  kth = -best[:, k - 1]  # the k-th exact squared distance (+inf when it is non-finite)
+  aux_max = _finite_max_aux(corpus, shift, prepare_block, n, nb)
+  # Every row outside the candidates has an expansion >= the worst candidate's.
+  worst_hat = -hat[:, -1]
+  err = refine.error_bound(padded[1], aux_max[None], d, qp.rows.dtype)[:, 0]
+  open_ = (jnp.isfinite(kth) & (worst_hat - err <= kth) & (hat[:, -1] > -jnp.inf)
+           & (padded[2] < q))
+
+  def second(_):
+    def tile(qp_block, block, bp, keep, arows, limit, active):
+      s = kernels.score(qp_block, bp, "sq_euclidean", precision=precision)
+      e = refine.error_bound(qp_block.aux, bp.aux, d, qp.rows.dtype)
+      maybe = keep & active[:, None] & (s - e <= limit[:, None])
+      brows = block if raw else bp.rows
+      s = refine.refine_where(s, maybe, lambda r, c: refine.direct_sq(arows[r], brows[c], acc))
+      return jnp.where(maybe, -s, -jnp.inf)
+
+    again, again_ids = scan(tile, k, (a, kth, open_))
+    keep = open_[:, None]
+    return jnp.where(keep, again, best), jnp.where(keep, again_ids, best_ids)
+
+  best, best_ids = lax.cond(jnp.any(open_), second, lambda _: (best, best_ids), None)
+  dist = -best[:q]
+  if metric == "euclidean":
+    dist = kernels.safe_sqrt(dist)
+  lowest = jnp.finfo(acc).min
+  # Non-finite distances rank last, reported as the largest finite value; abs also
+  # turns the -0.0 of a negated zero key into 0.0.
+  return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
 
 
-def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw, k, metric):
-  """The top `k` of each query's candidates by exact distance (`refine.direct_sq`).
+def _finite_max_aux(corpus, shift, prepare_block, n, nb):
+  """The largest finite squared norm of the prepared corpus rows (0 if none)."""
 
-  Returns keys (larger is better, so negated distances) and ids, ties to the lower id.
+  def step(carry, block, start, valid):
+    aux = prepare_block(block, shift).aux
+    ok = valid & (start + jnp.arange(aux.shape[0], dtype=jnp.int32) < n) & jnp.isfinite(aux)
+    return jnp.maximum(carry, jnp.max(jnp.where(ok, aux, 0.0)))
+
+  acc = kernels.accum_dtype(jax.tree.leaves(corpus)[0].dtype)
+  return blockscan.block_scan(step, jnp.zeros((), acc), corpus, block_size=nb, pad_tail=False)
+
+
+def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw, k):
+  """The top `k` of each query's candidates by direct squared distance.
+
+  Returns keys (negated squared distances; -inf where the candidate was masked,
+  lowest finite for NaN) and ids, best first, ties to the lower id.
   """
   d = a.shape[-1]
   acc = best.dtype
@@ -290,9 +345,7 @@ def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw, 
     else:
       cand = prepare_block(jax.tree.map(lambda leaf: leaf[safe.reshape(-1)], corpus),
                            shift).rows.reshape(*safe.shape, d)
-    sq = refine.direct_sq(a[:, None, :], cand, acc)
-    dist = kernels.safe_sqrt(sq) if metric == "euclidean" else sq
-    key = _keys(dist, metric, best > -jnp.inf)
+    key = _keys(refine.direct_sq(a[:, None, :], cand, acc), "sq_euclidean", best > -jnp.inf)
     neg, ids = lax.sort((-key, ids), num_keys=2)
     return -neg[:, :k], ids[:, :k]
 
