@@ -533,10 +533,10 @@ def test_topk_string_recall_target_raises():
 
 def test_new_thresholds_reuse_the_compiled_program():
   (x,) = _data(37, (512, 8))
-  jaxsim.pairs_above(x, threshold=0.9, max_pairs=16)
+  jaxsim.pairs_above(x, threshold=0.9, max_pairs=2**20)
   before = search._pairs._cache_size()
   for t in (0.8, 0.7, 1):
-    jaxsim.pairs_above(x, threshold=t, max_pairs=16)
+    jaxsim.pairs_above(x, threshold=t, max_pairs=2**20)
   assert search._pairs._cache_size() == before
 
 
@@ -547,7 +547,7 @@ def test_float64_inputs_raise_no_warning():
     for metric in METRICS:
       assert jaxsim.topk(queries, corpus.astype(np.float32), 3, metric=metric)[0].dtype == \
           jnp.float32
-      jaxsim.pairs_above(queries, corpus, threshold=0.5, max_pairs=8, metric=metric)
+      jaxsim.pairs_above(queries, corpus, threshold=0.5, max_pairs=2**16, metric=metric)
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -565,3 +565,18 @@ def test_no_corpus_sized_temporaries(call, metric):
   spec = (jax.ShapeDtypeStruct((q, d), jnp.float32), jax.ShapeDtypeStruct((n, d), jnp.float32))
   temp = jax.jit(fns[call]).lower(*spec).compile().memory_analysis().temp_size_in_bytes
   assert temp < n * d * 4 / 4, f"{call}/{metric}: {temp / 2**20:.1f} MiB of temporaries"
+
+
+@pytest.mark.parametrize("n", [2**20, 2**20 + 3])
+@pytest.mark.parametrize("call", ["topk", "similarity_stats"])
+def test_no_corpus_sized_temporaries_with_a_mesh(call, n):
+  # n not divisible by the 8 devices used to pad a whole copy of the corpus (and the
+  # Euclidean centring outside the devices' scans made another).
+  q, d = 1024, 64
+  fns = {
+      "topk": lambda a, b: jaxsim.topk(a, b, 10, metric="euclidean", mesh=_mesh()),
+      "similarity_stats": lambda a, b: jaxsim.similarity_stats(a, b, mesh=_mesh()),
+  }
+  spec = (jax.ShapeDtypeStruct((q, d), jnp.float32), jax.ShapeDtypeStruct((n, d), jnp.float32))
+  temp = jax.jit(fns[call]).lower(*spec).compile().memory_analysis().temp_size_in_bytes
+  assert temp < n * d * 4 / 2, f"{call}: {temp / 2**20:.1f} MiB of temporaries"

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, refine, validation
+from jaxsim._src import blockscan, refine, sharding, validation
 
 Metric = Literal["dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean"]
 METRICS: tuple[str, ...] = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
@@ -141,7 +141,7 @@ def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
   return Prepared(x, jnp.zeros(x.shape[:-1], acc))
 
 
-def centre(y: jax.Array) -> jax.Array:
+def centre(y: jax.Array, *, mesh=None) -> jax.Array:
   """The `shift` that `prepare` uses for the Euclidean metrics: about the mean row.
 
   Rows with an infinite or NaN entry are left out of the mean, so that one bad row
@@ -149,28 +149,38 @@ def centre(y: jax.Array) -> jax.Array:
   bits: close enough to the mean to avoid the cancellation, and coarse enough that
   rows of small integers (or other short binary fractions) stay exact after the
   shift, so their distances are exact and equal distances really tie. The sum is
-  streamed over blocks of rows, so no masked copy of `y` is ever made.
+  streamed over blocks of rows, so no masked copy of `y` is ever made; with `mesh`
+  (2-D `y` only) each device sums its own shard, as the reductions scan it.
 
   Args:
     y: `(..., m, d)` rows.
+    mesh: a `jax.sharding.Mesh` the rows are split over, or None.
 
   Returns:
     `(..., 1, d)` shift in `accum_dtype(y.dtype)`.
   """
   acc = accum_dtype(y.dtype)
+  batch, (m, d) = y.shape[:-2], y.shape[-2:]
 
-  def step(carry, block, start, valid):
-    total, count = carry
-    bf = block.astype(acc)
-    finite = jnp.all(jnp.isfinite(bf), axis=-1, keepdims=True)
-    finite &= valid.reshape((1,) * len(batch) + valid.shape + (1,))
-    return (total + jnp.sum(jnp.where(finite, bf, 0.0), axis=-2, keepdims=True),
-            count + jnp.sum(finite, axis=-2, keepdims=True, dtype=jnp.int32))
+  def sums(rows, offset, m):
+    def step(carry, block, start, valid):
+      total, count = carry
+      bf = block.astype(acc)
+      ok = valid & (offset + start + jnp.arange(valid.shape[0], dtype=jnp.int32) < m)
+      finite = jnp.all(jnp.isfinite(bf), axis=-1, keepdims=True)
+      finite &= ok.reshape((1,) * len(batch) + ok.shape + (1,))
+      return (total + jnp.sum(jnp.where(finite, bf, 0.0), axis=-2, keepdims=True),
+              count + jnp.sum(finite, axis=-2, keepdims=True, dtype=jnp.int32))
 
-  batch, d = y.shape[:-2], y.shape[-1]
-  init = (jnp.zeros((*batch, 1, d), acc), jnp.zeros((*batch, 1, 1), jnp.int32))
-  total, count = blockscan.block_scan(step, init, y, block_size=CENTRE_BLOCK, axis=-2,
-                                      remat=False, pad_tail=False)
+    init = (jnp.zeros((*batch, 1, d), acc), jnp.zeros((*batch, 1, 1), jnp.int32))
+    return blockscan.block_scan(step, init, rows, block_size=CENTRE_BLOCK, axis=-2,
+                                remat=False, pad_tail=False)
+
+  if mesh is None:
+    total, count = sums(y, jnp.int32(0), m)
+  else:
+    total, count = sharding.map_shards(sums, y, jnp.int32(m), mesh=mesh)
+    total, count = jnp.sum(total, axis=0), jnp.sum(count, axis=0)
   mean = total / jnp.maximum(count, 1).astype(acc)
   mantissa, exponent = jnp.frexp(mean)
   return jax.lax.stop_gradient(jnp.ldexp(jnp.round(mantissa * 256.0), exponent - 8))

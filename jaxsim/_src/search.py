@@ -176,7 +176,7 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
 def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_self, approx,
           recall_target, mesh, precision):
   euclid = metric in kernels.DISTANCES
-  shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1))
+  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1))
   qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
   prepare_block = lambda block, shift: kernels.prepare(
       block, metric, shift=shift if euclid else None)
@@ -226,11 +226,15 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   acc = qp.aux.dtype
   n = jnp.asarray(n, jnp.int32)
 
-  def scan(tile, width, extra):
-    """The streamed top-`width` of keys `tile(s_hat, block rows, ...)` gives each tile."""
+  def scan(tile, width, extra, finish=None):
+    """The streamed top-`width` keys that `tile(qp_block, block, bp, keep, *extra)`
+    gives each tile, per device; `finish(best, ids, shard, offset, aux_max, padded,
+    shift, *extra)` then maps each device's `(best, ids)` (with the largest finite corpus `aux` it
+    saw) to `(best, ids, *more)` before the devices' results are merged."""
 
     def local(shard, offset, padded, extra, shift, n):
-      init = (jnp.full((q_pad, width), -jnp.inf, acc), jnp.full((q_pad, width), -1, jnp.int32))
+      init = (jnp.full((q_pad, width), -jnp.inf, acc), jnp.full((q_pad, width), -1, jnp.int32),
+              jnp.zeros((), acc))
 
       def step(carry, block, start, valid):
         bp = prepare_block(block, shift)
@@ -247,11 +251,19 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
           key = tile(qp_block, block, bp, keep, *more)
           return _merge_tile(best, best_ids, key, first, width, approx, recall_target)
 
-        return blockscan.block_map(one, (*carry, *padded, *extra), block_size=qb)
+        best, best_ids = blockscan.block_map(one, (*carry[:2], *padded, *extra), block_size=qb)
+        aux_max = jnp.maximum(carry[2], jnp.max(jnp.where(col_ok & jnp.isfinite(bp.aux), bp.aux,
+                                                          0.0)))
+        return best, best_ids, aux_max
 
-      return blockscan.block_scan(step, init, shard, block_size=nb, pad_tail=False)
+      best, best_ids, aux_max = blockscan.block_scan(step, init, shard, block_size=nb,
+                                                     pad_tail=False)
+      if finish is None:
+        return best, best_ids
+      return finish(best, best_ids, shard, offset, aux_max, padded, shift, *extra)
 
-    best, best_ids = sharding.map_shards(local, corpus, padded, extra, shift, n, mesh=mesh)
+    out = sharding.map_shards(local, corpus, padded, extra, shift, n, mesh=mesh)
+    best, best_ids, more = out[0], out[1], out[2:]
     if best.shape[0] > 1:
       # Shards in device order hold increasing ids, so position ties are id ties.
       best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
@@ -260,7 +272,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
       best_ids = jnp.take_along_axis(best_ids, pos, axis=1)
     else:
       best, best_ids = best[0], best_ids[0]
-    return best, best_ids
+    return (best, best_ids, *more)
 
   if not euclid:
     best, best_ids = scan(
@@ -268,32 +280,38 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
             kernels.score(qp_block, bp, metric, precision=precision), metric, keep), k, ())
     return best[:q], best_ids[:q]
 
-  # Euclidean: (1) the k + TOPK_EXTRA best by the expansion, recomputed directly;
-  # (2) for queries where the error bound cannot rule out a row outside those
-  # candidates (tight clusters), a second scan that recomputes every row the bound
-  # leaves in reach of the k-th distance. Keys are negated squared distances.
+  # Euclidean: (1) each device's k + TOPK_EXTRA best by the expansion, recomputed
+  # directly from its own rows; (2) for queries where the error bound cannot rule out a
+  # row outside those candidates (tight clusters), a second scan that recomputes every
+  # row the bound leaves in reach of the k-th distance. Keys are negated squared
+  # distances.
   a = pad(queries if queries is not None else qp.rows)
   d = a.shape[-1]
   raw = queries is not None
   width = k + refine.TOPK_EXTRA
-  hat, hat_ids = scan(
-      lambda qp_block, block, bp, keep: _keys(
+  in_dtype = qp.rows.dtype
+
+  def exact_candidates(hat, hat_ids, shard, offset, aux_max, padded, shift, a):
+    best, best_ids = _refine_candidates(a, hat, hat_ids - offset, shard, shift, prepare_block,
+                                        raw=raw, k=k)
+    # Every row of this shard outside its candidates has an expansion >= the worst
+    # candidate's, hence a squared distance >= `floor` (-inf: all rows are candidates).
+    err = refine.error_bound(padded[1], aux_max[None], d, in_dtype)[:, 0]
+    floor = jnp.where(hat[:, -1] > -jnp.inf, -hat[:, -1] - err, jnp.inf)
+    return best, best_ids + offset, floor
+
+  best, best_ids, floor = scan(
+      lambda qp_block, block, bp, keep, _: _keys(
           kernels.score(qp_block, bp, "sq_euclidean", precision=precision), metric, keep),
-      width, ())
-  best, best_ids = _refine_candidates(a, hat, hat_ids, corpus, shift, prepare_block,
-                                      raw=raw, k=k)
-  kth = -best[:, k - 1]  # the k-th exact squared distance (+inf when it is non-finite)
-  aux_max = _finite_max_aux(corpus, shift, prepare_block, n, nb)
-  # Every row outside the candidates has an expansion >= the worst candidate's.
-  worst_hat = -hat[:, -1]
-  err = refine.error_bound(padded[1], aux_max[None], d, qp.rows.dtype)[:, 0]
-  open_ = (jnp.isfinite(kth) & (worst_hat - err <= kth) & (hat[:, -1] > -jnp.inf)
-           & (padded[2] < q))
+      width, (a,), exact_candidates)
+  best, best_ids = best[:, :k], best_ids[:, :k]
+  kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
+  open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0) & (padded[2] < q)
 
   def second(_):
     def tile(qp_block, block, bp, keep, arows, limit, active):
       s = kernels.score(qp_block, bp, "sq_euclidean", precision=precision)
-      e = refine.error_bound(qp_block.aux, bp.aux, d, qp.rows.dtype)
+      e = refine.error_bound(qp_block.aux, bp.aux, d, in_dtype)
       maybe = keep & active[:, None] & (s - e <= limit[:, None])
       brows = block if raw else bp.rows
       s = refine.refine_where(s, maybe, lambda r, c: refine.direct_sq(arows[r], brows[c], acc))
@@ -313,22 +331,11 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
 
 
-def _finite_max_aux(corpus, shift, prepare_block, n, nb):
-  """The largest finite squared norm of the prepared corpus rows (0 if none)."""
-
-  def step(carry, block, start, valid):
-    aux = prepare_block(block, shift).aux
-    ok = valid & (start + jnp.arange(aux.shape[0], dtype=jnp.int32) < n) & jnp.isfinite(aux)
-    return jnp.maximum(carry, jnp.max(jnp.where(ok, aux, 0.0)))
-
-  acc = kernels.accum_dtype(jax.tree.leaves(corpus)[0].dtype)
-  return blockscan.block_scan(step, jnp.zeros((), acc), corpus, block_size=nb, pad_tail=False)
-
-
 def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw, k):
-  """The top `k` of each query's candidates by direct squared distance.
+  """Each query's candidates sorted by direct squared distance.
 
-  Returns keys (negated squared distances; -inf where the candidate was masked,
+  `best_ids` index the rows of `corpus` (a raw row array or a prepared pytree), -1 or
+  any id where `best` is -inf (masked). Returns keys (negated squared distances; -inf where the candidate was masked,
   lowest finite for NaN) and ids, best first, ties to the lower id.
   """
   d = a.shape[-1]
@@ -347,7 +354,7 @@ def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw, 
                            shift).rows.reshape(*safe.shape, d)
     key = _keys(refine.direct_sq(a[:, None, :], cand, acc), "sq_euclidean", best > -jnp.inf)
     neg, ids = lax.sort((-key, ids), num_keys=2)
-    return -neg[:, :k], ids[:, :k]
+    return -neg, ids
 
   return blockscan.block_map(block, (a, best, best_ids), block_size=qr)
 
@@ -512,7 +519,7 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
   n, m, d = x.shape[0], corpus.shape[0], x.shape[1]
   euclid = metric in kernels.DISTANCES
   acc = kernels.accum_dtype(x.dtype)
-  shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1), acc)
+  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
   qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
   prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
   # Distances are compared squared; a negative distance threshold passes no pair.

@@ -40,8 +40,8 @@ def num_shards(mesh: Mesh | None) -> int:
 
 
 def shard_rows(n: int, mesh: Mesh | None) -> int:
-  """Rows per device when `n` rows are split over `mesh` (at least 1)."""
-  return max(1, n // num_shards(mesh))
+  """Rows per device when `n` rows are split over `mesh` (the last shards padded)."""
+  return max(1, -(-n // num_shards(mesh)))
 
 
 def map_shards(fn: Callable[..., PyTree], rows: PyTree, *args: PyTree,
@@ -49,43 +49,36 @@ def map_shards(fn: Callable[..., PyTree], rows: PyTree, *args: PyTree,
   """Runs `fn` on each device's contiguous shard of `rows`, stacking the results.
 
   Args:
-    fn: `fn(local_rows, offset, *args) -> pytree`, where `local_rows` is a contiguous
-      run of rows along axis 0 and `offset` the int32 global index of its first row.
+    fn: `fn(local_rows, offset, *args) -> pytree`, where `local_rows` is `rows` cut to
+      `shard_rows(n, mesh)` rows along axis 0 and `offset` the int32 global index of
+      its first row. Rows at global index `>= n` are zero padding that `fn` must mask.
     rows: pytree of arrays sharing the row count `n` of axis 0, split across devices.
     *args: pytrees passed whole (replicated) to every device.
     mesh: the devices; `None` runs `fn` once on all rows with `offset = 0`. The rows
       are split over all mesh axes together, in device order.
 
   Returns:
-    `fn`'s pytree with a new leading axis, entry `i` the result for the `i`-th run of
-    rows, in row order: one per device, plus one for the `n mod devices` rows left
-    over when `n` does not divide evenly. Those are run outside `shard_map` rather
-    than padded in: padding would copy the whole corpus.
+    `fn`'s pytree with a new leading axis of size `num_shards(mesh)`, entry `i` the
+    result for shard `i`.
   """
   if mesh is None:
     return jax.tree.map(lambda leaf: leaf[None], fn(rows, jnp.int32(0), *args))
-  n = jax.tree.leaves(rows)[0].shape[0]
-  per = n // mesh.size
-  main = per * mesh.size
-  parts = []
-  if per:
-    axes = tuple(mesh.axis_names)
+  leaves = jax.tree.leaves(rows)
+  n = leaves[0].shape[0]
+  per = shard_rows(n, mesh)
+  pad = per * mesh.size - n
+  if pad:
+    rows = jax.tree.map(
+        lambda leaf: jnp.pad(leaf, [(0, pad)] + [(0, 0)] * (leaf.ndim - 1)), rows)
+  axes = tuple(mesh.axis_names)
 
-    def local(shard, *replicated):
-      offset = jax.lax.axis_index(axes).astype(jnp.int32) * per
-      return jax.tree.map(lambda leaf: leaf[None], fn(shard, offset, *replicated))
+  def local(shard, *replicated):
+    offset = jax.lax.axis_index(axes).astype(jnp.int32) * per
+    return jax.tree.map(lambda leaf: leaf[None], fn(shard, offset, *replicated))
 
-    head = rows if main == n else jax.tree.map(lambda leaf: leaf[:main], rows)
-    # check_vma=False: every output is per device (sharded on the leading axis), so no
-    # replication claim needs checking, and scan carries may start replicated and end
-    # device-varying.
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes),)
-                            + (PartitionSpec(),) * len(args), out_specs=PartitionSpec(axes),
-                            check_vma=False)
-    parts.append(sharded(head, *args))
-  if main < n:
-    tail = jax.tree.map(lambda leaf: leaf[main:], rows)
-    parts.append(jax.tree.map(lambda leaf: leaf[None], fn(tail, jnp.int32(main), *args)))
-  if len(parts) == 1:
-    return parts[0]
-  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *parts)
+  # check_vma=False: every output is per device (sharded on the leading axis), so no
+  # replication claim needs checking, and scan carries may start replicated and end
+  # device-varying.
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes),) + (PartitionSpec(),)
+                          * len(args), out_specs=PartitionSpec(axes), check_vma=False)
+  return sharded(rows, *args)

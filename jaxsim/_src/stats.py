@@ -345,7 +345,8 @@ def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size
            precision, bound):
   corpus = x if y is None else y
   n, m = x.shape[0], corpus.shape[0]
-  shift = kernels.centre(corpus) if metric in kernels.DISTANCES else jnp.zeros((1, 1))
+  shift = (kernels.centre(corpus, mesh=mesh) if metric in kernels.DISTANCES
+           else jnp.zeros((1, 1)))
   qb, nb = tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
   xp = kernels.prepare(x, metric, shift=shift if metric in kernels.DISTANCES else None)
   q_pad = -(-n // qb) * qb
