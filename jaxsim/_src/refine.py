@@ -25,8 +25,13 @@ rows:
   below;
 - `jaxsim.pairs_above` recomputes the pairs whose side of the threshold the bound
   leaves open, :math:`|\hat s_{ij} - t| \le E_{ij}`, and every pair it returns;
-- `jaxsim.topk` keeps `k + TOPK_EXTRA` candidates by the expansion and recomputes them
-  all before the final ranking.
+- `jaxsim.topk` keeps each device's `k + TOPK_EXTRA` best candidates by the expansion
+  and recomputes them all. Every other row has an expansion at least the worst
+  candidate's, so a squared distance at least that minus :math:`E`; where that floor
+  does not clear the k-th recomputed distance (tight clusters, many rows within the
+  expansion's noise), a second scan recomputes every row the bound leaves within
+  reach of the k-th, so the result is the exact top-k of the direct distances either
+  way. The second scan runs only when some query needs it.
 
 References:
   Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., SIAM 2002, §3.1.

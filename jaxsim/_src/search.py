@@ -128,15 +128,21 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
   Returns:
     `(scores, indices)`, each `(q, k)`, best first: `scores` in the metric's own units
     (similarities, or distances for the Euclidean metrics) in the inputs' floating
-    dtype, computed as `jaxsim.pairwise` does; `indices` int32 corpus rows. A score of
-    -inf or NaN (from infinite or NaN inputs) ranks last and is reported as the lowest
-    finite value of the accumulation dtype (its negation for distances), which is
-    -inf (+inf) once cast back to float16 or bfloat16.
+    dtype, computed as `jaxsim.pairwise` does; `indices` int32 corpus rows. For the
+    Euclidean metrics the ranking and the distances are those of the direct
+    differences `sum((q - c)**2)` (see `jaxsim._src.refine`): near-duplicates are in
+    their true order, and a row equal to a query is at exactly 0 and ranks first
+    (before later equal rows). A score of -inf or NaN (a row with an infinite or NaN
+    entry, at any size) ranks last and is reported as the lowest finite value of the
+    accumulation dtype (its negation for distances), which is -inf (+inf) once cast
+    back to float16 or bfloat16.
 
   Raises:
     ValueError: for inputs that are not 2-D, mismatched feature dims, an unknown
-      metric, `k` out of range, `exclude_self` with `q != n`, or bad block sizes.
-    TypeError: for complex or non-numeric inputs, or a `mesh` that is not a `Mesh`.
+      metric, `k` out of range, `exclude_self` with `q != n`, bad block sizes, or a
+      `recall_target` outside (0, 1].
+    TypeError: for complex or non-numeric inputs, a `mesh` that is not a `Mesh`, or a
+      `recall_target` that is not a number.
 
   Examples:
     >>> import jax.numpy as jnp, jaxsim
@@ -293,7 +299,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
 
   def exact_candidates(hat, hat_ids, shard, offset, aux_max, padded, shift, a):
     best, best_ids = _refine_candidates(a, hat, hat_ids - offset, shard, shift, prepare_block,
-                                        raw=raw, k=k)
+                                        raw=raw)
     # Every row of this shard outside its candidates has an expansion >= the worst
     # candidate's, hence a squared distance >= `floor` (-inf: all rows are candidates).
     err = refine.error_bound(padded[1], aux_max[None], d, in_dtype)[:, 0]
@@ -331,12 +337,13 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
 
 
-def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw, k):
+def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw):
   """Each query's candidates sorted by direct squared distance.
 
   `best_ids` index the rows of `corpus` (a raw row array or a prepared pytree), -1 or
-  any id where `best` is -inf (masked). Returns keys (negated squared distances; -inf where the candidate was masked,
-  lowest finite for NaN) and ids, best first, ties to the lower id.
+  any id where `best` is -inf (masked). Returns keys (negated squared distances; -inf
+  where the candidate was masked, lowest finite for NaN) and ids, best first, ties to
+  the lower id.
   """
   d = a.shape[-1]
   acc = best.dtype
