@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from sklearn.neighbors import NearestNeighbors
 
 import jaxsim
-from jaxsim._src import search
+from jaxsim._src import kernels, search
 from tests import reference
 
 METRICS = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
@@ -580,3 +580,26 @@ def test_no_corpus_sized_temporaries_with_a_mesh(call, n):
   spec = (jax.ShapeDtypeStruct((q, d), jnp.float32), jax.ShapeDtypeStruct((n, d), jnp.float32))
   temp = jax.jit(fns[call]).lower(*spec).compile().memory_analysis().temp_size_in_bytes
   assert temp < n * d * 4 / 2, f"{call}: {temp / 2**20:.1f} MiB of temporaries"
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sq_euclidean", "cosine"])
+def test_topk_prepared_on_a_prepared_padded_corpus_matches_topk(metric):
+  # The Index path: the corpus prepared once, padded past its n real rows, n traced.
+  queries, corpus = _data(39, (40, 16), (512, 16))
+  corpus[100] = queries[3]  # an exact match: distance 0, first
+  corpus[-1, 2] = np.nan
+  euclid = metric != "cosine"
+
+  @jax.jit
+  def search_prepared(queries, corpus, n):
+    shift = kernels.centre(corpus[:512]) if euclid else jnp.zeros((1, 1))
+    prep = lambda rows: kernels.prepare(rows, metric, shift=shift if euclid else None)
+    rows = prep(jnp.pad(corpus, ((0, 88), (0, 0))))
+    return search.topk_prepared(prep(queries), rows, shift, lambda block, shift: block, n,
+                                k=5, metric=metric, block_size=128, query_block_size=None)
+
+  scores, idx = search_prepared(queries, corpus, jnp.int32(512))
+  want_s, want_i = jaxsim.topk(queries, corpus, 5, metric=metric)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+  assert idx[3, 0] == 100
