@@ -213,7 +213,9 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     bins: number of equal-width histogram bins.
     range: `(lo, hi)` of the histogram. Defaults to `(-1, 1)` for cosine; required for
       the other metrics, whose scores have no fixed range (a first call's `min` and
-      `max` are a good choice).
+      `max` are a good choice: the ends are traced, so a new range reuses the
+      compiled program). Checked in the accumulation dtype: finite, `lo < hi`, a
+      width that does not overflow and `bins` distinct edges.
     exclude_diagonal: `y=None` only: leave out the self pairs `(i, i)`.
     block_size: corpus (`y`) rows per block; default: equal blocks of at most about
       4096.
@@ -228,11 +230,16 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     A `SimilarityStats`. Scores are computed in the accumulation dtype (float32, or
     float64 for float64 inputs) from the inputs' dtype. The mean uses compensated
     summation of per-tile sums and the standard deviation Chan et al.'s pairwise
-    update, so both stay accurate over 1e9+ pairs.
+    update, so both stay accurate over 1e9+ pairs; the count they divide by is in
+    the accumulation dtype. Euclidean pairs closer than the expansion can resolve
+    are recomputed directly (see `jaxsim._src.refine`). A pair with a non-finite row
+    has a NaN score: it makes `mean`, `std`, `min` and `max` NaN (as numpy would), is
+    in `count`, and is in neither the histogram nor the non-negative share.
 
   Raises:
-    ValueError: for bad shapes, an unknown metric, `bins < 1`, a missing or empty
-      `range`, or no pairs at all.
+    ValueError: for bad shapes, an unknown metric, `bins < 1`, a missing, infinite,
+      overflowing or collapsing `range`, or no pairs at all.
+    TypeError: for `range` ends that are not real numbers.
 
   References:
     Chan, Golub and LeVeque, "Algorithms for computing the sample variance: analysis
