@@ -85,12 +85,13 @@ def refine_where(s: jax.Array, mask: jax.Array, exact: Callable[[jax.Array, jax.
   if size == 0:
     return s
   total = jnp.sum(mask, dtype=jnp.int32)
-  row_ids = lax.broadcasted_iota(jnp.int32, (n, m), 0)
-  col_ids = lax.broadcasted_iota(jnp.int32, (n, m), 1)
 
   def body(state):
     done, last_r, last_c, s = state
-    # Entries after (last_r, last_c) in row-major order: the ones not yet done.
+    # Entries after (last_r, last_c) in row-major order: the ones not yet done. The
+    # index grids are built here, fused into this pass, not kept as loop constants.
+    row_ids = lax.broadcasted_iota(jnp.int32, (n, m), 0)
+    col_ids = lax.broadcasted_iota(jnp.int32, (n, m), 1)
     todo = mask & ((row_ids > last_r) | ((row_ids == last_r) & (col_ids > last_c)))
     r, c = jnp.nonzero(todo, size=size, fill_value=0)
     used = jnp.arange(size, dtype=jnp.int32) < jnp.minimum(total - done, size)
@@ -99,5 +100,9 @@ def refine_where(s: jax.Array, mask: jax.Array, exact: Callable[[jax.Array, jax.
     last = jnp.minimum(total - done, size) - 1
     return done + size, r[last].astype(jnp.int32), c[last].astype(jnp.int32), s
 
-  state = (jnp.int32(0), jnp.int32(-1), jnp.int32(-1), s)
-  return lax.while_loop(lambda st: st[0] < total, body, state)[3]
+  def loop(s):
+    state = (jnp.int32(0), jnp.int32(-1), jnp.int32(-1), s)
+    return lax.while_loop(lambda st: st[0] < total, body, state)[3]
+
+  # Usually nothing is masked: then not even the loop's set-up runs.
+  return lax.cond(total > 0, loop, lambda s: s, s)
