@@ -49,8 +49,9 @@ from jax import lax
 RHO = 2.0**-5
 # Extra top-k candidates kept by the expansion and recomputed exactly.
 TOPK_EXTRA = 16
-# Pairs recomputed per step of the refinement loop.
+# Pairs recomputed per step of the refinement loop, from at most ROWS rows.
 CHUNK = 4096
+ROWS = 64
 
 
 def error_bound(aux_x: jax.Array, aux_y: jax.Array, d: int, in_dtype) -> jax.Array:
@@ -86,6 +87,8 @@ def refine_where(s: jax.Array, mask: jax.Array, exact: Callable[[jax.Array, jax.
     return s
   total = jnp.sum(mask, dtype=jnp.int32)
 
+  rows_per_step = min(n, ROWS)
+
   def body(state):
     done, last_r, last_c, s = state
     # Entries after (last_r, last_c) in row-major order: the ones not yet done. The
@@ -93,12 +96,18 @@ def refine_where(s: jax.Array, mask: jax.Array, exact: Callable[[jax.Array, jax.
     row_ids = lax.broadcasted_iota(jnp.int32, (n, m), 0)
     col_ids = lax.broadcasted_iota(jnp.int32, (n, m), 1)
     todo = mask & ((row_ids > last_r) | ((row_ids == last_r) & (col_ids > last_c)))
-    r, c = jnp.nonzero(todo, size=size, fill_value=0)
-    used = jnp.arange(size, dtype=jnp.int32) < jnp.minimum(total - done, size)
-    vals = exact(r.astype(jnp.int32), c.astype(jnp.int32)).astype(s.dtype)
+    # Two small compactions instead of one over all n x m entries (jnp.nonzero's
+    # scatter is the costly part on CPU): the next rows holding entries, then the
+    # entries of those rows.
+    (rows,) = jnp.nonzero(jnp.any(todo, axis=1), size=rows_per_step, fill_value=n)
+    sub = todo.at[rows].get(mode="fill", fill_value=False)
+    i, c = jnp.nonzero(sub, size=size, fill_value=0)
+    count = jnp.minimum(jnp.sum(sub, dtype=jnp.int32), size)
+    r = rows[i].astype(jnp.int32)
+    used = jnp.arange(size, dtype=jnp.int32) < count
+    vals = exact(jnp.minimum(r, n - 1), c.astype(jnp.int32)).astype(s.dtype)
     s = s.at[jnp.where(used, r, n), c].set(vals, mode="drop")
-    last = jnp.minimum(total - done, size) - 1
-    return done + size, r[last].astype(jnp.int32), c[last].astype(jnp.int32), s
+    return done + count, r[count - 1], c[count - 1].astype(jnp.int32), s
 
   def loop(s):
     state = (jnp.int32(0), jnp.int32(-1), jnp.int32(-1), s)
