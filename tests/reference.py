@@ -25,6 +25,16 @@ def cosine(x, y):
   return xs @ ys.swapaxes(-1, -2)
 
 
+def cosine_clamped(x, y, eps):
+  """Cosine with optax's `epsilon`: each row divided by `sqrt(max(|x|^2, eps))`."""
+  x, y = _f64(x), _f64(y)
+  nx = np.sqrt(np.maximum(np.sum(x * x, axis=-1, keepdims=True), eps))
+  ny = np.sqrt(np.maximum(np.sum(y * y, axis=-1, keepdims=True), eps))
+  xs = np.divide(x, nx, out=np.zeros_like(x), where=nx > 0)
+  ys = np.divide(y, ny, out=np.zeros_like(y), where=ny > 0)
+  return xs @ ys.swapaxes(-1, -2)
+
+
 def scaled_dot(x, y, scale=None):
   d = np.shape(x)[-1]
   return dot(x, y) * (1.0 / np.sqrt(d) if scale is None else scale)
@@ -38,6 +48,21 @@ def sq_euclidean(x, y):
 
 def euclidean(x, y):
   return np.sqrt(sq_euclidean(x, y))
+
+
+def near_duplicates(seed, *, d=128, n=512, scale=10.0, dtype=np.float32):
+  """`(query, corpus)`: a `(1, d)` query and `n` rows, the last ten at distances
+  1e-4 ... 1e-3 of it (nearest last), the others random at distances ~ scale * sqrt(2d).
+
+  Float32 rows whose differences with the query are far below the rows' norms: the
+  expansion |x|^2 + |y|^2 - 2 x.y cannot resolve them."""
+  rng = np.random.default_rng(seed)
+  query = (rng.standard_normal((1, d)) * scale).astype(dtype)
+  dirs = rng.standard_normal((10, d))
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  near = (_f64(query) + dirs * np.linspace(1e-3, 1e-4, 10)[:, None]).astype(dtype)
+  far = (rng.standard_normal((n - 10, d)) * scale).astype(dtype)
+  return query, np.concatenate([far, near])
 
 
 METRICS = {

@@ -29,7 +29,7 @@ def test_block_scan_passes_blocks_along_axis_with_their_start(axis):
 
   def step(carry, block, start, valid):
     rows = jnp.moveaxis(block, axis, 0)
-    idx = start + jnp.arange(rows.shape[0])
+    idx = (start + jnp.arange(rows.shape[0])).astype(rows.dtype)
     return carry + jnp.sum(jnp.where(valid[:, None, None], rows * idx[:, None, None], 0.0))
 
   want = np.sum(np.moveaxis(np.asarray(x), axis, 0) * np.arange(11)[:, None, None])

@@ -1,12 +1,14 @@
 """Core kernels against numpy, scikit-learn and scipy, plus properties and transforms."""
 
 import functools
+import warnings
 
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.spatial.distance as ssd
 from absl.testing import parameterized
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from sklearn.metrics.pairwise import cosine_similarity, euclidean_distances
 
 import jaxsim
+from jaxsim._src import kernels
 from tests import reference
 
 FUNCS = {name: getattr(jaxsim, name) for name in reference.METRICS}
@@ -127,12 +130,6 @@ def test_cosine_of_zero_vector_is_zero_with_finite_gradient():
   np.testing.assert_array_equal(s[:, 0], 0.0)
   g = jax.grad(lambda a: jnp.sum(jaxsim.cosine(a, x[1:]) ** 2))(x)
   assert np.all(np.isfinite(g))
-
-
-def test_cosine_eps_thresholds_small_rows():
-  x = np.array([[1e-6, 0.0], [3.0, 4.0], [-1.0, 0.0]], np.float32)
-  np.testing.assert_allclose(jaxsim.cosine(x, eps=1e-3)[0], 0.0)
-  np.testing.assert_allclose(jaxsim.cosine(x, eps=0.0)[0], [1.0, 0.6, -1.0], atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
@@ -305,3 +302,152 @@ def test_pmap_over_eight_devices(metric):
   x, y = _rand((8, 5, 3), 24), _rand((8, 4, 3), 25)
   got = jax.pmap(FUNCS[metric])(x, y)
   _assert_close(got, reference.METRICS[metric](x, y), scale=10.0)
+
+
+# --- Numerics: non-finite rows, near-duplicates, options, guards (issue 9) -------------------
+# Sizes of 512+ rows reach XLA:CPU's fused dot epilogues, where a NaN used to become 0.
+
+
+@pytest.mark.parametrize("n", [9, 512, 2048])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("metric", ["sq_euclidean", "euclidean", "cosine"])
+def test_a_non_finite_row_is_non_finite_at_every_size(metric, bad, n):
+  x, y = _rand((64, 16), 40), _rand((n, 16), 41)
+  y[-1, 0] = bad
+  got = np.asarray(FUNCS[metric](x, y))
+  assert not np.any(np.isfinite(got[:, -1]))
+  want = reference.METRICS[metric](x, y[:-1])
+  _assert_close(got[:, :-1], want, scale=np.abs(want).max())
+
+
+@pytest.mark.parametrize("metric", ["sq_euclidean", "euclidean"])
+def test_near_duplicates_get_their_direct_float32_distance(metric):
+  query, corpus = reference.near_duplicates(50)
+  want = reference.METRICS[metric](query, corpus)
+  got = np.asarray(FUNCS[metric](query, corpus), np.float64)
+  # Relative accuracy everywhere, the ten near rows (1e-4 .. 1e-3 away) included.
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert np.all(np.diff(got[0, -10:]) < 0)  # ordered as their true distances
+
+
+def test_close_pairs_at_least_as_accurate_as_sklearn():
+  # scikit-learn upcasts float32 to float64 in chunks for the expansion; the direct
+  # differences here must be as close to the float64 truth for every pair.
+  query, corpus = reference.near_duplicates(51, d=64)
+  x = np.concatenate([query, corpus[-20:]])
+  want = reference.euclidean(x, corpus)
+  got = np.asarray(jaxsim.euclidean(x, corpus), np.float64)
+  sk = euclidean_distances(x, corpus).astype(np.float64)
+  assert np.all(np.abs(got - want) <= np.abs(sk - want) + 1e-6 * want)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e10])
+def test_equal_rows_are_at_distance_exactly_zero(scale):
+  x = _rand((512, 32), 52) * np.float32(scale) + np.float32(3 * scale)
+  x[7] = x[3]
+  for metric in ("sq_euclidean", "euclidean"):
+    got = np.asarray(FUNCS[metric](x, x))  # x passed twice: no diagonal shortcut
+    np.testing.assert_array_equal(np.diagonal(got), 0.0)
+    assert got[3, 7] == 0.0 and got[7, 3] == 0.0
+    want = reference.METRICS[metric](x, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+def test_distinct_rows_6e_5_apart_are_not_at_zero():
+  x = _rand((512, 64), 53)
+  x[1] = x[0]
+  x[1, 5] += np.float32(6e-5)
+  got = np.asarray(jaxsim.euclidean(x), np.float64)
+  want = np.linalg.norm(x[0].astype(np.float64) - x[1].astype(np.float64))
+  np.testing.assert_allclose(got[0, 1], want, rtol=1e-6)
+
+
+def test_euclidean_gradient_matches_finite_differences_near_duplicates():
+  query, corpus = reference.near_duplicates(54, d=16, n=520, scale=1.0)
+  w = _rand((1, 520), 55)
+  f = lambda a: jnp.sum(jaxsim.sq_euclidean(a, corpus) * w)
+  g = np.asarray(jax.grad(f)(jnp.asarray(query)))
+  want = 2 * np.sum(w[0][:, None] * (query.astype(np.float64) - corpus), axis=0)
+  np.testing.assert_allclose(g[0], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_cosine_gradient_is_finite_and_scale_free_for_tiny_rows():
+  x, y, w = _rand((512, 8), 56), _rand((16, 8), 57), _rand((512, 16), 58)
+  grad = jax.grad(lambda a: jnp.sum(jaxsim.cosine(a, y) * w))
+  g1 = np.asarray(grad(jnp.asarray(x)), np.float64)
+  for scale in (1e-20, 1e-30):
+    g = np.asarray(grad(jnp.asarray(x * np.float32(scale))), np.float64)
+    assert np.all(np.isfinite(g))
+    # cos(a x, y) = cos(x, y): the gradient scales as 1/a.
+    np.testing.assert_allclose(g * scale, g1, rtol=1e-4, atol=1e-5 * np.abs(g1).max())
+
+
+def test_cosine_eps_clamps_the_squared_norm_like_optax():
+  x = _rand((512, 8), 59) * np.logspace(-4, 1, 512, dtype=np.float32)[:, None]
+  y = _rand((512, 8), 60)
+  for eps in (0.0, 1e-4, 1e-2):
+    got = jaxsim.cosine(x, y, eps=eps)
+    _assert_close(got, reference.cosine_clamped(x, y, eps))
+    want = optax.losses.cosine_similarity(x, y, epsilon=eps)
+    np.testing.assert_allclose(np.diagonal(got), want, rtol=1e-5, atol=1e-6)
+  # A row of norm 1e-3 against its own direction with eps=1e-4: 1e-3 / sqrt(1e-4).
+  row = np.array([[1e-3, 0.0]], np.float32)
+  np.testing.assert_allclose(jaxsim.cosine(row, np.array([[1.0, 0.0]]), eps=1e-4), [[0.1]],
+                             rtol=1e-6)
+
+
+def test_new_option_values_reuse_the_compiled_program():
+  x = _rand((512, 8), 61)
+  jaxsim.cosine(x, eps=0.1)
+  jaxsim.scaled_dot(x, scale=0.5)
+  jaxsim.scaled_dot(x)
+  before = kernels._pairwise_jit._cache_size()
+  for v in (0.2, 0.3, 1):
+    jaxsim.cosine(x, eps=v)
+    jaxsim.scaled_dot(x, scale=v)
+  assert kernels._pairwise_jit._cache_size() == before
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(eps=np.nan), ValueError, r"`eps` must not be NaN"),
+    (dict(eps=-1.0), ValueError, r"`eps` must be >= 0"),
+    (dict(eps="0.1"), TypeError, r"`eps` must be a real number"),
+    (dict(eps=True), TypeError, r"`eps` must be a real number"),
+])
+def test_nonsense_options_raise(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    jaxsim.cosine(np.ones((3, 2)), **kwargs)
+
+
+def test_nan_scale_raises():
+  with pytest.raises(ValueError, match=r"`scale` must not be NaN"):
+    jaxsim.scaled_dot(np.ones((3, 2)), scale=float("nan"))
+
+
+def test_float64_inputs_raise_no_warning():
+  x64 = _rand((512, 8), 62, np.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for metric, f in FUNCS.items():
+      assert f(x64).dtype == jnp.float32
+      assert f(x64, x64.astype(np.float32)).dtype == jnp.float32, metric
+
+
+def test_torch_tensors_that_require_grad_or_are_bfloat16():
+  torch = pytest.importorskip("torch")
+  x = _rand((512, 8), 63)
+  t = torch.tensor(x, requires_grad=True)
+  np.testing.assert_array_equal(jaxsim.cosine(t), jaxsim.cosine(x))
+  got = jaxsim.cosine(t.detach().to(torch.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  _assert_close(got, reference.cosine(x, x), jnp.bfloat16)
+
+
+def test_a_dense_matrix_larger_than_memory_raises_pointing_to_streaming():
+  # A broadcast view: 2**22 rows cost no memory here, their 2**44 scores would.
+  x = np.broadcast_to(np.ones(8, np.float32), (2**22, 8))
+  with pytest.raises(ValueError, match=r"jaxsim\.topk.*jaxsim\.pairs_above.*similarity_stats"):
+    jaxsim.cosine(x)
+  with pytest.raises(ValueError, match=r"the \(65536, 4194304\) score matrix needs .* GiB"):
+    jaxsim.euclidean(x[:65536], x)

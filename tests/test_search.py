@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from sklearn.neighbors import NearestNeighbors
 
 import jaxsim
+from jaxsim._src import kernels, search
 from tests import reference
 
 METRICS = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
@@ -419,5 +420,186 @@ def test_pairs_above_without_pairs_is_empty(x_rows, y_rows):
   y = None if y_rows is None else np.ones((y_rows, 3), np.float32)
   p = jaxsim.pairs_above(x, y, threshold=0.5, max_pairs=2)
   assert int(p.count) == 0 and not bool(p.overflowed)
-  np.testing.assert_array_equal(p.rows, [-1, -1])
-  np.testing.assert_array_equal(p.cols, [-1, -1])
+  # Buffers are clamped to the pairs there are: none.
+  assert p.rows.shape == p.cols.shape == p.scores.shape == (0,)
+
+
+# --- Numerics: non-finite rows, near-duplicates, options, guards (issue 9) -------------------
+
+
+@pytest.mark.parametrize("n", [512, 2000])
+@pytest.mark.parametrize("metric", ["euclidean", "sq_euclidean", "cosine"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_topk_non_finite_corpus_row_ranks_last_at_fused_sizes(metric, n, bad):
+  queries, corpus = _data(30, (64, 16), (n, 16))
+  corpus[-1, 0] = bad
+  scores, idx = jaxsim.topk(queries, corpus, 3, metric=metric)
+  want_s, want_i = _ref_topk(queries, corpus[:-1], 3, metric)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+  # k = n: the bad row comes last for every query.
+  _, idx = jaxsim.topk(queries[:4], corpus, n, metric=metric)
+  np.testing.assert_array_equal(np.asarray(idx)[:, -1], n - 1)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sq_euclidean"])
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_topk_near_duplicates_in_order_with_accurate_distances(metric, block_size):
+  query, corpus = reference.near_duplicates(31)
+  scores, idx = jaxsim.topk(query, corpus, 10, metric=metric, block_size=block_size)
+  np.testing.assert_array_equal(idx[0], np.arange(511, 501, -1))
+  want = reference.METRICS[metric](query, corpus)[0, 511:501:-1]
+  np.testing.assert_allclose(scores[0], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sq_euclidean"])
+def test_topk_a_row_equal_to_the_query_ranks_first_at_exactly_zero(metric):
+  # Tight clusters far from the origin: the expansion's noise exceeds the distances
+  # within a cluster, so it used to rank a neighbour above the point itself.
+  rng = np.random.default_rng(32)
+  centres = rng.standard_normal((8, 64)) * 100
+  x = (centres[rng.integers(0, 8, 1024)] + 1e-4 * rng.standard_normal((1024, 64)))
+  x = x.astype(np.float32)
+  scores, idx = jaxsim.topk(x, x, 3, metric=metric)
+  np.testing.assert_array_equal(idx[:, 0], np.arange(1024))
+  np.testing.assert_array_equal(scores[:, 0], 0.0)
+  want_s, want_i = _ref_topk(x, x, 3, metric)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5)
+
+
+def test_topk_mesh_near_duplicates_identical_to_single_device():
+  query, corpus = reference.near_duplicates(33, n=515)
+  single = jaxsim.topk(query, corpus[:-3], 10, metric="euclidean")
+  sharded = jaxsim.topk(query, corpus[:-3], 10, metric="euclidean", mesh=_mesh())
+  np.testing.assert_array_equal(sharded[1], single[1])
+  np.testing.assert_array_equal(sharded[0], single[0])
+
+
+def test_pairs_above_euclidean_near_duplicates_counted_exactly():
+  query, corpus = reference.near_duplicates(34)
+  x = np.concatenate([query, corpus])
+  for metric, threshold in (("euclidean", 5e-4), ("sq_euclidean", 2.5e-7)):
+    got = jaxsim.pairs_above(x, threshold=threshold, max_pairs=64, metric=metric)
+    rows, cols, vals = reference.pairs_above(reference.METRICS[metric](x, x), threshold,
+                                             largest=False, upper=True)
+    c = int(got.count)
+    assert c == len(rows) >= 4
+    np.testing.assert_array_equal(got.rows[:c], rows)
+    np.testing.assert_array_equal(got.cols[:c], cols)
+    np.testing.assert_allclose(got.scores[:c], vals, rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sq_euclidean", "cosine"])
+def test_pairs_above_never_pairs_a_non_finite_row(metric):
+  (x,) = _data(35, (600, 8))
+  x[-1] = x[0]
+  x[-1, 3] = np.nan
+  threshold = 0.5 if metric == "cosine" else 1.0
+  got = jaxsim.pairs_above(x, threshold=threshold, max_pairs=20000, metric=metric)
+  rows, cols, _ = reference.pairs_above(reference.METRICS[metric](x[:-1], x[:-1]), threshold,
+                                        largest=metric == "cosine", upper=True)
+  c = int(got.count)
+  assert c == len(rows)
+  np.testing.assert_array_equal(got.rows[:c], rows)
+  np.testing.assert_array_equal(got.cols[:c], cols)
+
+
+def test_pairs_above_buffers_clamped_to_the_possible_pairs():
+  (x,) = _data(36, (100, 4))
+  p = jaxsim.pairs_above(x, threshold=-1.0, max_pairs=2**28)
+  assert p.rows.shape == p.cols.shape == p.scores.shape == (4950,)
+  assert int(p.count) == 4950 and not bool(p.overflowed)
+  compiled = jax.jit(lambda a: jaxsim.pairs_above(a, threshold=0.5, max_pairs=2**28)).lower(
+      x).compile()
+  assert compiled.memory_analysis().output_size_in_bytes < 2**20
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(threshold="0.5", max_pairs=4), TypeError, r"`threshold` must be a real number"),
+    (dict(threshold=float("nan"), max_pairs=4), ValueError, r"`threshold` must not be NaN"),
+    (dict(threshold=np.float32("nan"), max_pairs=4), ValueError, r"`threshold` must not be NaN"),
+    (dict(threshold=0.5, max_pairs=2**31), ValueError, r"`max_pairs` must be at most"),
+])
+def test_pairs_above_nonsense_options_raise(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    jaxsim.pairs_above(np.ones((5, 3), np.float32), **kwargs)
+
+
+def test_topk_string_recall_target_raises():
+  with pytest.raises(TypeError, match=r"`recall_target` must be a real number"):
+    jaxsim.topk(np.ones((5, 3)), np.ones((9, 3)), 2, approx=True, recall_target="0.9")
+
+
+def test_new_thresholds_reuse_the_compiled_program():
+  (x,) = _data(37, (512, 8))
+  jaxsim.pairs_above(x, threshold=0.9, max_pairs=2**20)
+  before = search._pairs._cache_size()
+  for t in (0.8, 0.7, 1):
+    jaxsim.pairs_above(x, threshold=t, max_pairs=2**20)
+  assert search._pairs._cache_size() == before
+
+
+def test_float64_inputs_raise_no_warning():
+  queries, corpus = _data(38, (64, 8), (512, 8), dtype=np.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for metric in METRICS:
+      assert jaxsim.topk(queries, corpus.astype(np.float32), 3, metric=metric)[0].dtype == \
+          jnp.float32
+      jaxsim.pairs_above(queries, corpus, threshold=0.5, max_pairs=2**16, metric=metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("call", ["topk", "pairs_above", "similarity_stats"])
+def test_no_corpus_sized_temporaries(call, metric):
+  # A 256 MiB corpus: any prepared, masked or padded copy of it shows in the temporaries.
+  q, n, d = 1024, 2**20, 64
+  fns = {
+      "topk": lambda a, b: jaxsim.topk(a, b, 10, metric=metric),
+      "pairs_above": lambda a, b: jaxsim.pairs_above(a, b, threshold=0.9, max_pairs=1024,
+                                                     metric=metric),
+      "similarity_stats": lambda a, b: jaxsim.similarity_stats(a, b, metric=metric,
+                                                               range=(-1.0, 1.0)),
+  }
+  spec = (jax.ShapeDtypeStruct((q, d), jnp.float32), jax.ShapeDtypeStruct((n, d), jnp.float32))
+  temp = jax.jit(fns[call]).lower(*spec).compile().memory_analysis().temp_size_in_bytes
+  assert temp < n * d * 4 / 4, f"{call}/{metric}: {temp / 2**20:.1f} MiB of temporaries"
+
+
+@pytest.mark.parametrize("n", [2**20, 2**20 + 3])
+@pytest.mark.parametrize("call", ["topk", "similarity_stats"])
+def test_no_corpus_sized_temporaries_with_a_mesh(call, n):
+  # n not divisible by the 8 devices used to pad a whole copy of the corpus (and the
+  # Euclidean centring outside the devices' scans made another).
+  q, d = 1024, 64
+  fns = {
+      "topk": lambda a, b: jaxsim.topk(a, b, 10, metric="euclidean", mesh=_mesh()),
+      "similarity_stats": lambda a, b: jaxsim.similarity_stats(a, b, mesh=_mesh()),
+  }
+  spec = (jax.ShapeDtypeStruct((q, d), jnp.float32), jax.ShapeDtypeStruct((n, d), jnp.float32))
+  temp = jax.jit(fns[call]).lower(*spec).compile().memory_analysis().temp_size_in_bytes
+  assert temp < n * d * 4 / 2, f"{call}: {temp / 2**20:.1f} MiB of temporaries"
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sq_euclidean", "cosine"])
+def test_topk_prepared_on_a_prepared_padded_corpus_matches_topk(metric):
+  # The Index path: the corpus prepared once, padded past its n real rows, n traced.
+  queries, corpus = _data(39, (40, 16), (512, 16))
+  corpus[100] = queries[3]  # an exact match: distance 0, first
+  corpus[-1, 2] = np.nan
+  euclid = metric != "cosine"
+
+  @jax.jit
+  def search_prepared(queries, corpus, n):
+    shift = kernels.centre(corpus[:512]) if euclid else jnp.zeros((1, 1))
+    prep = lambda rows: kernels.prepare(rows, metric, shift=shift if euclid else None)
+    rows = prep(jnp.pad(corpus, ((0, 88), (0, 0))))
+    return search.topk_prepared(prep(queries), rows, shift, lambda block, shift: block, n,
+                                k=5, metric=metric, block_size=128, query_block_size=None)
+
+  scores, idx = search_prepared(queries, corpus, jnp.int32(512))
+  want_s, want_i = jaxsim.topk(queries, corpus, 5, metric=metric)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+  assert idx[3, 0] == 100

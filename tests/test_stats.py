@@ -1,5 +1,7 @@
 """All-pairs statistics: numpy over the full matrix, exact counts, devices, memory."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,75 @@ def test_float64_under_x64_matches_numpy():
     np.testing.assert_allclose(got.mean, vals.mean(), rtol=1e-12)
     np.testing.assert_allclose(got.std, vals.std(), rtol=1e-10)
     np.testing.assert_array_equal(got.histogram, np.histogram(vals, 100, (-1, 1))[0])
+
+
+# --- Numerics: non-finite rows, near-duplicates, options, guards (issue 9) -------------------
+
+
+@pytest.mark.parametrize("metric,value_range", [("euclidean", (0.0, 10.0)),
+                                                ("sq_euclidean", (0.0, 60.0)),
+                                                ("cosine", None)])
+def test_a_non_finite_row_makes_the_summaries_nan_and_stays_out_of_the_histogram(
+    metric, value_range):
+  (x,) = _data(40, (600, 16))
+  x[-1, 0] = np.nan
+  got = jaxsim.similarity_stats(x, metric=metric, range=value_range)
+  assert int(got.count) == 600 * 599 // 2
+  for field in (got.mean, got.std, got.min, got.max):
+    assert np.isnan(field)
+  vals = reference.pair_values(reference.METRICS[metric](x[:-1], x[:-1]), within=True)
+  lo, hi = value_range or (-1.0, 1.0)
+  want, _ = np.histogram(vals, 100, (lo, hi))
+  assert abs(int(np.sum(got.histogram)) - int(np.sum(want))) == 0
+
+
+def test_euclidean_min_of_near_duplicates_is_accurate():
+  query, corpus = reference.near_duplicates(41)
+  x = np.concatenate([query, corpus])
+  got = jaxsim.similarity_stats(x, metric="euclidean", range=(0.0, 1e-3), bins=10)
+  vals = reference.pair_values(reference.euclidean(x, x), within=True)
+  np.testing.assert_allclose(got.min, vals.min(), rtol=1e-5)
+  np.testing.assert_array_equal(got.histogram, np.histogram(vals, 10, (0.0, 1e-3))[0])
+
+
+@pytest.mark.parametrize("value_range,match", [
+    ((0.0, np.inf), r"`range` must be finite"),
+    ((-np.inf, 1.0), r"`range` must be finite"),
+    ((np.nan, 1.0), r"`range` must not be NaN"),
+    ((-3e38, 3e38), r"too wide"),
+    ((1.0, 1.0 + 1e-9), r"lo < hi in float32"),
+    ((1.0, 1.0 + 1e-6), r"too narrow for 100 distinct bins"),
+    (("a", 1.0), r"`range` must be a real number"),
+])
+def test_nonsense_ranges_raise(value_range, match):
+  (x,) = _data(42, (20, 4))
+  with pytest.raises((ValueError, TypeError), match=match):
+    jaxsim.similarity_stats(x, metric="dot", range=value_range)
+
+
+def test_new_ranges_reuse_the_compiled_program():
+  (x,) = _data(43, (512, 8))
+  first = jaxsim.similarity_stats(x, metric="dot", range=(-1.0, 1.0))
+  before = stats._stats._cache_size()
+  # As the docs suggest: a first call's min and max as the next call's range.
+  again = jaxsim.similarity_stats(x, metric="dot", range=(first.min, first.max))
+  jaxsim.similarity_stats(x, metric="dot", range=(-2, 3.5))
+  assert stats._stats._cache_size() == before
+  assert int(np.sum(again.histogram)) == int(again.count)
+
+
+def test_mean_of_16_8m_identical_pairs_is_exactly_one_under_x64():
+  with jax.enable_x64(True):
+    x = np.ones((4100, 4))
+    got = jaxsim.similarity_stats(x, x)
+    assert int(got.count) == 4100 * 4100 > 2**24
+    assert got.mean.dtype == jnp.float64
+    assert float(got.mean) == 1.0 and float(got.std) == 0.0
+
+
+def test_float64_inputs_raise_no_warning():
+  x, y = _data(44, (512, 8), (64, 8))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = jaxsim.similarity_stats(x.astype(np.float64), y)
+  assert got.mean.dtype == jnp.float32

@@ -15,18 +15,23 @@ No per-pair loop and no N x M division ever happen.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import validation
+from jaxsim._src import blockscan, refine, sharding, validation
 
 Metric = Literal["dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean"]
 METRICS: tuple[str, ...] = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
 # Metrics where a smaller score means "more similar".
 DISTANCES: frozenset[str] = frozenset({"sq_euclidean", "euclidean"})
+# Rows per block of the streamed mean in `centre`.
+CENTRE_BLOCK = 4096
 
 
 class Prepared(NamedTuple):
@@ -36,8 +41,9 @@ class Prepared(NamedTuple):
     rows: `(..., n, d)` rows in the input dtype: unit rows for cosine, centred rows
       for the Euclidean metrics, the raw rows otherwise.
     aux: `(..., n)` float32 per-row values the finish needs: squared norms of the
-      centred rows for the Euclidean metrics, 1.0 for kept / 0.0 for zero rows for
-      cosine, unused (zeros) otherwise.
+      centred rows for the Euclidean metrics, squared norms of the unit rows for
+      cosine (1.0, less for rows under the `eps` clamp, 0.0 for zero rows), unused
+      (zeros) otherwise. NaN or inf marks a row with a non-finite entry.
   """
 
   rows: jax.Array
@@ -51,8 +57,13 @@ def check_metric(metric: str) -> str:
 
 
 def accum_dtype(dtype) -> jnp.dtype:
-  """The dtype scores are accumulated in: float32, or wider for wider inputs."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """The dtype scores are accumulated in: float32, or wider for wider inputs.
+
+  The one place that widens a dtype; it does so explicitly, so that it holds under
+  `jax_numpy_dtype_promotion="strict"`, which forbids implicit float16 -> float32.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def default_scale(d: int) -> float:
@@ -61,29 +72,47 @@ def default_scale(d: int) -> float:
 
 
 def unit_rows(x: jax.Array, eps: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Unit-normalises rows without overflow or underflow, in the accumulation dtype.
+  r"""Unit-normalises rows without overflow or underflow, in the accumulation dtype.
 
-  Each row is first divided by its largest absolute entry, so that squaring cannot
-  overflow (fp16 rows of magnitude 300) or underflow (rows of magnitude 1e-30) before
-  the norm is taken. Rows whose norm is `<= eps` (always including all-zero rows) map
-  to the zero vector, and both their value and gradient are exactly zero.
+  .. math:: \hat x = x / \sqrt{\max(\lVert x\rVert^2, \epsilon)}
+
+  the convention of optax's `cosine_similarity` (`epsilon` clamps the squared norm;
+  torch's `eps` clamps the product of the two norms instead). Each row is first divided
+  by its largest absolute entry, so that squaring cannot overflow (fp16 rows of
+  magnitude 300) or underflow (rows of magnitude 1e-30) before the norm is taken. That
+  pre-scale cancels out of :math:`\hat x`, so no gradient flows through it (its own
+  derivative underflows to NaN for rows below about 1e-19). Zero rows map to the zero
+  vector with a zero gradient, for any `eps`.
 
   Args:
     x: `(..., n, d)` array.
-    eps: norm threshold; rows with `||x|| <= eps` are treated as zero vectors.
+    eps: `>= 0`; rows with `||x||^2 <= eps` are divided by `sqrt(eps)` instead of
+      their norm.
 
   Returns:
-    `(unit, keep)`: `(..., n, d)` unit rows in `accum_dtype(x.dtype)` and the
-    `(..., n)` boolean mask of rows that were kept.
+    `(unit, sq_norm)`: `(..., n, d)` rows in `accum_dtype(x.dtype)` and their `(..., n)`
+    squared norms: 1 for rows above the clamp, `||x||^2 / eps` below it, 0 for zero
+    rows, NaN for rows with an infinite or NaN entry.
   """
-  xf = x.astype(accum_dtype(x.dtype))
-  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True, initial=0.0)
+  acc = accum_dtype(x.dtype)
+  xf = x.astype(acc)
+  eps = jnp.asarray(eps, acc)
+  amax = jax.lax.stop_gradient(jnp.max(jnp.abs(xf), axis=-1, keepdims=True, initial=0.0))
   nonzero = amax > 0
   xs = xf / jnp.where(nonzero, amax, 1.0)
   sumsq = jnp.sum(xs * xs, axis=-1, keepdims=True)  # >= 1 for nonzero rows
-  keep = nonzero & (amax * jnp.sqrt(jnp.where(nonzero, sumsq, 1.0)) > eps)
-  inv = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, sumsq, 1.0)), 0.0)
-  return xs * inv, keep[..., 0]
+  norm = amax * jnp.sqrt(jnp.where(nonzero, sumsq, 1.0))
+  # Compared as norms, not squares: the square of a 1e-30 row underflows to 0.
+  root_eps = jnp.sqrt(jnp.maximum(eps, 0.0))
+  clamped = ~nonzero | (norm <= root_eps)
+  inv_eps = jnp.where(root_eps > 0, 1.0 / jnp.where(root_eps > 0, root_eps, 1.0), 0.0)
+  unit = jnp.where(clamped, xf * inv_eps, xs * jax.lax.rsqrt(jnp.where(clamped, 1.0, sumsq)))
+  sq_norm = jnp.where(clamped, jnp.square(norm * inv_eps), 1.0)
+  sq_norm = jnp.where(nonzero, sq_norm, 0.0)
+  # NaN marks a row with a non-finite entry, so that `score` can make its cosines NaN
+  # explicitly (the clip to [-1, 1] may turn a NaN into a bound in fused code).
+  finite = jnp.all(jnp.isfinite(xf), axis=-1, keepdims=True)
+  return unit, jnp.where(finite, sq_norm, jnp.nan)[..., 0]
 
 
 def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
@@ -93,15 +122,17 @@ def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
   Args:
     x: `(..., n, d)` floating array.
     metric: one of `METRICS`.
-    eps: cosine only; rows with norm `<= eps` count as zero vectors.
+    eps: cosine only; the clamp on the squared norm (see `unit_rows`).
     shift: Euclidean metrics only; a `(..., 1, d)` point subtracted from every row
       of both sets. Distances do not change, but centring near the data keeps the
-      expansion `|x|^2 + |y|^2 - 2 x.y` from cancelling catastrophically.
+      expansion `|x|^2 + |y|^2 - 2 x.y` from cancelling catastrophically. A row with
+      an infinite or NaN entry gets a non-finite `aux`, which `score` turns into NaN
+      distances.
   """
   acc = accum_dtype(x.dtype)
   if metric == "cosine":
-    unit, keep = unit_rows(x, eps)
-    return Prepared(unit.astype(x.dtype), keep.astype(acc))
+    unit, sq_norm = unit_rows(x, eps)
+    return Prepared(unit.astype(x.dtype), sq_norm)
   if metric in DISTANCES:
     xf = x.astype(acc)
     if shift is not None:
@@ -110,21 +141,49 @@ def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
   return Prepared(x, jnp.zeros(x.shape[:-1], acc))
 
 
-def centre(y: jax.Array) -> jax.Array:
+def centre(y: jax.Array, *, mesh=None) -> jax.Array:
   """The `shift` that `prepare` uses for the Euclidean metrics: about the mean row.
 
   Rows with an infinite or NaN entry are left out of the mean, so that one bad row
   spoils only its own distances. Each entry of the mean is rounded to 8 significant
   bits: close enough to the mean to avoid the cancellation, and coarse enough that
   rows of small integers (or other short binary fractions) stay exact after the
-  shift, so their distances are exact and equal distances really tie.
+  shift, so their distances are exact and equal distances really tie. The sum is
+  streamed over blocks of rows, so no masked copy of `y` is ever made; with `mesh`
+  (2-D `y` only) each device sums its own shard, as the reductions scan it.
+
+  Args:
+    y: `(..., m, d)` rows.
+    mesh: a `jax.sharding.Mesh` the rows are split over, or None.
+
+  Returns:
+    `(..., 1, d)` shift in `accum_dtype(y.dtype)`.
   """
-  yf = y.astype(accum_dtype(y.dtype))
-  finite = jnp.all(jnp.isfinite(yf), axis=-1, keepdims=True)
-  total = jnp.sum(jnp.where(finite, yf, 0.0), axis=-2, keepdims=True)
-  mean = total / jnp.maximum(jnp.sum(finite, axis=-2, keepdims=True), 1).astype(yf.dtype)
+  acc = accum_dtype(y.dtype)
+  batch, (m, d) = y.shape[:-2], y.shape[-2:]
+
+  def sums(rows, offset, m):
+    def step(carry, block, start, valid):
+      total, count = carry
+      bf = block.astype(acc)
+      ok = valid & (offset + start + jnp.arange(valid.shape[0], dtype=jnp.int32) < m)
+      finite = jnp.all(jnp.isfinite(bf), axis=-1, keepdims=True)
+      finite &= ok.reshape((1,) * len(batch) + ok.shape + (1,))
+      return (total + jnp.sum(jnp.where(finite, bf, 0.0), axis=-2, keepdims=True),
+              count + jnp.sum(finite, axis=-2, keepdims=True, dtype=jnp.int32))
+
+    init = (jnp.zeros((*batch, 1, d), acc), jnp.zeros((*batch, 1, 1), jnp.int32))
+    return blockscan.block_scan(step, init, rows, block_size=CENTRE_BLOCK, axis=-2,
+                                remat=False, pad_tail=False)
+
+  if mesh is None:
+    total, count = sums(y, jnp.int32(0), m)
+  else:
+    total, count = sharding.map_shards(sums, y, jnp.int32(m), mesh=mesh)
+    total, count = jnp.sum(total, axis=0), jnp.sum(count, axis=0)
+  mean = total / jnp.maximum(count, 1).astype(acc)
   mantissa, exponent = jnp.frexp(mean)
-  return jnp.ldexp(jnp.round(mantissa * 256.0), exponent - 8)
+  return jax.lax.stop_gradient(jnp.ldexp(jnp.round(mantissa * 256.0), exponent - 8))
 
 
 def matmul_t(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
@@ -137,6 +196,12 @@ def score(xp: Prepared, yp: Prepared, metric: str, *, scale: float | jax.Array |
           precision=None) -> jax.Array:
   """Scores between two prepared row sets, `(..., n, m)` in the accumulation dtype.
 
+  For the Euclidean metrics these are the expansion's values (see `jaxsim._src.refine`
+  for their error and how callers sharpen them), and NaN for every pair with a
+  non-finite row. That NaN is set explicitly from the rows' `aux`: the clamp
+  `maximum(., 0)` cannot be relied on to pass a NaN through, as XLA:CPU's fused dot
+  epilogue turns `maximum(NaN, 0)` into 0.
+
   Args:
     xp: prepared `(..., n, d)` rows.
     yp: prepared `(..., m, d)` rows.
@@ -147,15 +212,31 @@ def score(xp: Prepared, yp: Prepared, metric: str, *, scale: float | jax.Array |
   """
   rows = xp.rows
   if metric == "scaled_dot":
-    s = default_scale(rows.shape[-1]) if scale is None else scale
-    rows = (rows.astype(accum_dtype(rows.dtype)) * s).astype(rows.dtype)
+    acc = accum_dtype(rows.dtype)
+    s = default_scale(rows.shape[-1]) if scale is None else jnp.asarray(scale, acc)
+    rows = (rows.astype(acc) * s).astype(rows.dtype)
   dots = matmul_t(rows, yp.rows, precision)
   if metric == "cosine":
-    return jnp.clip(dots, -1.0, 1.0)
+    finite = jnp.isfinite(xp.aux[..., :, None]) & jnp.isfinite(yp.aux[..., None, :])
+    return jnp.where(finite, jnp.clip(dots, -1.0, 1.0), jnp.nan)
   if metric in DISTANCES:
-    sq = jnp.maximum(xp.aux[..., :, None] + yp.aux[..., None, :] - 2.0 * dots, 0.0)
+    ax, ay = xp.aux[..., :, None], yp.aux[..., None, :]
+    sq = jnp.where(jnp.isfinite(ax) & jnp.isfinite(ay), jnp.maximum(ax + ay - 2.0 * dots, 0.0),
+                   jnp.nan)
     return safe_sqrt(sq) if metric == "euclidean" else sq
   return dots
+
+
+@jax.custom_jvp
+def with_tangent_of(value: jax.Array, like: jax.Array) -> jax.Array:
+  """`value`, differentiated as `like`: for a sharper recomputation of the same function."""
+  del like
+  return value
+
+
+@with_tangent_of.defjvp
+def _with_tangent_of_jvp(primals, tangents):
+  return primals[0], tangents[1]
 
 
 @jax.custom_jvp
@@ -169,6 +250,42 @@ def _safe_sqrt_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
   y = jnp.sqrt(x)
   return y, jnp.where(y > 0, t / (2.0 * jnp.where(y > 0, y, 1.0)), 0.0)
+
+
+def _gather_rows(a: jax.Array, batch: tuple[int, ...], flat: jax.Array) -> jax.Array:
+  """Rows `flat` of `a` (`(..., n, d)`, batch dims of size 1 or `batch`) seen as a
+  `(prod(batch) * n, d)` array, without broadcasting `a` to `batch` first."""
+  n = a.shape[-2]
+  b, r = jnp.divmod(flat, n)
+  idx = jnp.unravel_index(b, batch) if batch else ()
+  idx = tuple(jnp.where(size == 1, 0, i) for size, i in zip(a.shape[:-2], idx, strict=True))
+  return a[(*idx, r)]
+
+
+def refine_dense(sq: jax.Array, x: jax.Array, y: jax.Array, xp: Prepared, yp: Prepared, *,
+                 skip_diagonal: bool) -> jax.Array:
+  """The dense squared distances `sq` (`(..., n, m)`, the expansion) with every close
+  pair and every pair with a non-finite row recomputed from the raw rows `x`, `y`
+  (see `jaxsim._src.refine`). Differentiated as the expansion."""
+  acc = sq.dtype
+  ax, ay = xp.aux[..., :, None], yp.aux[..., None, :]
+  close = (sq <= refine.RHO * (ax + ay)) | ~(jnp.isfinite(ax) & jnp.isfinite(ay))
+  batch, (n, m) = sq.shape[:-2], sq.shape[-2:]
+  flat_n = n * int(np.prod(batch, dtype=np.int64))
+  close = close.reshape(flat_n, m)
+  if skip_diagonal:
+    rows = jax.lax.broadcasted_iota(jnp.int32, close.shape, 0) % n
+    close &= rows != jax.lax.broadcasted_iota(jnp.int32, close.shape, 1)
+  xs, ys = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
+
+  def exact(r, c):
+    # Column c of flattened row r: y's batch index is r's.
+    b = r // n
+    return refine.direct_sq(_gather_rows(xs, batch, r), _gather_rows(ys, batch, b * m + c),
+                            acc)
+
+  fixed = refine.refine_where(jax.lax.stop_gradient(sq).reshape(flat_n, m), close, exact)
+  return with_tangent_of(fixed.reshape(sq.shape), sq)
 
 
 def _pairwise(x, y, eps, scale, *, metric, precision):
@@ -186,16 +303,58 @@ def _pairwise(x, y, eps, scale, *, metric, precision):
   shift = centre(x if self_sim else y) if metric in DISTANCES else None
   xp = prepare(x, metric, eps=eps, shift=shift)
   yp = xp if self_sim else prepare(y, metric, eps=eps, shift=shift)
-  s = score(xp, yp, metric, scale=scale, precision=precision)
+  if metric in DISTANCES:
+    s = score(xp, yp, "sq_euclidean", precision=precision)
+    s = refine_dense(s, x, x if self_sim else y, xp, yp, skip_diagonal=self_sim)
+    if metric == "euclidean":
+      s = safe_sqrt(s)
+  else:
+    s = score(xp, yp, metric, scale=scale, precision=precision)
   if self_sim and metric in ("cosine", "sq_euclidean", "euclidean"):
-    # Exact diagonals: 1 for nonzero rows under cosine (xp.aux is that mask), 0 for
-    # self-distances. A scatter writes n values in place; a select over an eye mask
-    # would be one more pass over all n^2.
+    # Exact diagonals: the squared norm of the prepared row under cosine (1 for rows
+    # above the eps clamp, 0 for zero rows), 0 for self-distances. A scatter writes n
+    # values in place; a select over an eye mask would be one more pass over all n^2.
     idx = jnp.arange(s.shape[-1])
     s = s.at[..., idx, idx].set(xp.aux if metric == "cosine" else 0.0)
   s = s.astype(x.dtype)
   drop = tuple(s.ndim + ax for ax, sq in ((-2, squeeze_x), (-1, squeeze_y)) if sq)
   return jnp.squeeze(s, axis=drop) if drop else s
+
+
+@functools.lru_cache(maxsize=None)
+def device_memory(device) -> int | None:
+  """Bytes of memory of `device` (the host's RAM for a CPU), or None if unknown."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without memory stats raise various errors
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.platform == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+      return None
+  return None
+
+
+def check_dense_fits(x, y, name: str) -> None:
+  """Raises before a dense score matrix that cannot fit in memory is attempted."""
+  rows = lambda a: a.shape[-2] if a.ndim > 1 else 1
+  n, m = rows(x), rows(x if y is None else y)
+  batch = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2])
+  # The float32 scores plus the result in the input dtype.
+  need = int(np.prod(batch, dtype=np.int64)) * n * m * (
+      accum_dtype(x.dtype).itemsize + jnp.dtype(x.dtype).itemsize)
+  devices = x.devices() if isinstance(x, jax.Array) and not isinstance(
+      x, jax.core.Tracer) else jax.devices()[:1]
+  limit = device_memory(next(iter(devices)))
+  if limit is not None and need > limit:
+    raise ValueError(
+        f"jaxsim.{name}: the {(*batch, n, m)} score matrix needs {need / 2**30:.1f} GiB, more "
+        f"than the device's {limit / 2**30:.1f} GiB of memory. Stream the scores instead "
+        "with jaxsim.topk (nearest rows), jaxsim.pairs_above (pairs past a threshold) or "
+        "jaxsim.similarity_stats (all-pairs statistics).")
 
 
 def pairwise(x: ArrayLike, y: ArrayLike | None = None, *, metric: Metric = "cosine",
@@ -211,7 +370,7 @@ def pairwise(x: ArrayLike, y: ArrayLike | None = None, *, metric: Metric = "cosi
       against themselves. Batch dims `...` broadcast against those of `x`.
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
       `"euclidean"`.
-    eps: cosine only; rows with norm `<= eps` count as zero vectors.
+    eps: cosine only; `>= 0`, the clamp on each row's squared norm (see `cosine`).
     scale: scaled_dot only; defaults to `1/sqrt(d)`.
     precision: `jax.lax.Precision` passed to the matmul.
 
@@ -221,25 +380,28 @@ def pairwise(x: ArrayLike, y: ArrayLike | None = None, *, metric: Metric = "cosi
     give a scalar.
 
   Raises:
-    TypeError: for complex or non-numeric inputs.
+    TypeError: for complex or non-numeric inputs, or a non-numeric option.
     ValueError: for rank-0 inputs, mismatched feature dims, batch dims that do not
-      broadcast, or an unknown metric.
+      broadcast, an unknown metric, a NaN or negative `eps`, a NaN `scale`, or a
+      score matrix larger than the device's memory.
   """
   check_metric(metric)
   x, y = validation.pair(x, y)
-  validation.check_scalar(eps, "eps")
-  if scale is not None:
-    validation.check_scalar(scale, "scale")
-  if all(v is None or isinstance(v, (int, float)) for v in (eps, scale)):
-    return _pairwise_static(x, y, eps=eps, scale=scale, metric=metric, precision=precision)
-  return _pairwise_traced(x, y, eps, scale, metric=metric, precision=precision)
+  eps = validation.check_scalar(eps, "eps")
+  if isinstance(eps, (int, float)) and eps < 0:
+    raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
+  if scale is None:
+    scale = default_scale(x.shape[-1])
+  scale = validation.check_scalar(scale, "scale")
+  check_dense_fits(x, y, metric)
+  # Options are traced arguments, not compiled-in constants: sweeping `eps` or `scale`
+  # reuses one program. Python numbers pass as weakly typed scalars (float() so that
+  # 0 and 0.0 share it too).
+  eps, scale = (float(v) if isinstance(v, (int, float)) else v for v in (eps, scale))
+  return _pairwise_jit(x, y, eps, scale, metric=metric, precision=precision)
 
 
-# Python-number options are compiled in: passing them as traced arguments would cost a
-# host-to-device copy on every eager call. Array options (a learned scale, say) stay
-# traced so that they can be differentiated and vary without recompiling.
-_pairwise_static = jax.jit(_pairwise, static_argnames=("eps", "scale", "metric", "precision"))
-_pairwise_traced = jax.jit(_pairwise, static_argnames=("metric", "precision"))
+_pairwise_jit = jax.jit(_pairwise, static_argnames=("metric", "precision"))
 
 
 def dot(x: ArrayLike, y: ArrayLike | None = None, *, precision=None) -> jax.Array:
@@ -265,19 +427,22 @@ def cosine(x: ArrayLike, y: ArrayLike | None = None, *, eps: float = 0.0,
            precision=None) -> jax.Array:
   r"""Pairwise cosine similarity :math:`s_{ij} = \hat x_i \cdot \hat y_j`.
 
-  With :math:`\hat x = x / \lVert x \rVert`. Each row is normalised once (O(n d)),
-  then one matmul; values are clipped to `[-1, 1]`. A zero row (or one with norm
-  `<= eps`) has cosine 0 against everything, with a zero gradient, never NaN. For
-  `y=None` the diagonal is exactly 1 for nonzero rows. Normalisation divides by the
-  row's largest entry first, so fp16 rows of large magnitude and float32 rows of
-  magnitude 1e-30 are both exact. XLA flushes subnormal numbers to zero, so a row
-  whose entries are all subnormal counts as a zero row.
+  With :math:`\hat x = x / \sqrt{\max(\lVert x \rVert^2, \epsilon)}`. Each row is
+  normalised once (O(n d)), then one matmul; values are clipped to `[-1, 1]`. A zero
+  row has cosine 0 against everything, with a zero gradient, never NaN; a row with an
+  infinite or NaN entry has NaN cosines. For `y=None` the diagonal is exactly 1 for
+  rows above the clamp. Normalisation divides by the row's largest entry first, so
+  fp16 rows of large magnitude and float32 rows of magnitude 1e-30 are both exact,
+  gradients included. XLA flushes subnormal numbers to zero, so a row whose entries
+  are all subnormal counts as a zero row.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.
     y: `(..., m, d)` array, a `(d,)` vector, or `None` for `x` against itself.
-    eps: rows whose Euclidean norm is `<= eps` are treated as zero vectors. This is a
-      threshold, not a clamp: rows above it are normalised exactly.
+    eps: `>= 0`, a clamp on each row's squared norm, the convention of optax's
+      `cosine_similarity` `epsilon` (not torch's `eps`, which clamps the product of
+      the two norms): a row of norm 1e-3 against its own direction gives 0.1 with
+      `eps=1e-4`. The default 0 normalises every nonzero row exactly.
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
@@ -314,8 +479,12 @@ def sq_euclidean(x: ArrayLike, y: ArrayLike | None = None, *, precision=None) ->
   r"""Pairwise squared Euclidean distances :math:`\lVert x_i - y_j \rVert^2`.
 
   Computed as :math:`\lVert x_i\rVert^2 + \lVert y_j\rVert^2 - 2 x_i \cdot y_j` on rows
-  centred at the mean of `y`, which keeps the cancellation error small for data far
-  from the origin. Results are clamped at 0, and for `y=None` the diagonal is exactly 0.
+  centred at the mean of `y`, one matmul; the pairs closer than :math:`2^{-5}` of
+  their squared norms, where that expansion's rounding error would dominate, are
+  recomputed directly as :math:`\sum_k (x_{ik} - y_{jk})^2` (see
+  `jaxsim._src.refine`), so near-duplicates get their float32 distance and equal rows
+  exactly 0. A pair with an infinite or NaN entry gets the direct difference's IEEE
+  value (inf or NaN). Gradients are those of the expansion.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.

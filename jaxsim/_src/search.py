@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, defaults, distributed, kernels, sharding, stats, validation
+from jaxsim._src import (blockscan, defaults, distributed, kernels, refine, sharding, stats,
+                         validation)
 
 # The prefilter's group size: each tile's top-k is taken among the k best groups of
 # `GROUP` consecutive corpus rows (ranked by their maximum), which is exact (every
@@ -126,15 +127,21 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
   Returns:
     `(scores, indices)`, each `(q, k)`, best first: `scores` in the metric's own units
     (similarities, or distances for the Euclidean metrics) in the inputs' floating
-    dtype, computed as `jaxsim.pairwise` does; `indices` int32 corpus rows. A score of
-    -inf or NaN (from infinite or NaN inputs) ranks last and is reported as the lowest
-    finite value of the accumulation dtype (its negation for distances), which is
-    -inf (+inf) once cast back to float16 or bfloat16.
+    dtype, computed as `jaxsim.pairwise` does; `indices` int32 corpus rows. For the
+    Euclidean metrics the ranking and the distances are those of the direct
+    differences `sum((q - c)**2)` (see `jaxsim._src.refine`): near-duplicates are in
+    their true order, and a row equal to a query is at exactly 0 and ranks first
+    (before later equal rows). A score of -inf or NaN (a row with an infinite or NaN
+    entry, at any size) ranks last and is reported as the lowest finite value of the
+    accumulation dtype (its negation for distances), which is -inf (+inf) once cast
+    back to float16 or bfloat16.
 
   Raises:
     ValueError: for inputs that are not 2-D, mismatched feature dims, an unknown
-      metric, `k` out of range, `exclude_self` with `q != n`, or bad block sizes.
-    TypeError: for complex or non-numeric inputs, or a `mesh` that is not a `Mesh`.
+      metric, `k` out of range, `exclude_self` with `q != n`, bad block sizes, or a
+      `recall_target` outside (0, 1].
+    TypeError: for complex or non-numeric inputs, a `mesh` that is not a `Mesh`, or a
+      `recall_target` that is not a number.
 
   Examples:
     >>> import jax.numpy as jnp, jaxsim
@@ -163,8 +170,9 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     bound = "n - 1 (exclude_self=True)" if exclude_self else "n, the number of corpus rows"
     raise ValueError(f"`k` must be at most {bound}: got k={k} with n={n} "
                      f"(corpus.shape={corpus.shape}).")
-  if approx and not 0.0 < recall_target <= 1.0:
-    raise ValueError(f"`recall_target` must be in (0, 1], got {recall_target!r}.")
+  recall_target = validation.check_scalar(recall_target, "recall_target")
+  if isinstance(recall_target, jax.core.Tracer) or not 0.0 < float(recall_target) <= 1.0:
+    raise ValueError(f"`recall_target` must be a number in (0, 1], got {recall_target!r}.")
   if q == 0:
     return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), jnp.int32)
   return _topk(queries, corpus, k=k, metric=metric, block_size=block_size,
@@ -178,7 +186,7 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
 def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_self, approx,
           recall_target, mesh, precision):
   euclid = metric in kernels.DISTANCES
-  shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1))
+  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1))
   qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
   prepare_block = lambda block, shift: kernels.prepare(
       block, metric, shift=shift if euclid else None)
@@ -186,14 +194,15 @@ def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_s
                               metric=metric, block_size=block_size,
                               query_block_size=query_block_size, exclude_self=exclude_self,
                               approx=approx, recall_target=recall_target, mesh=mesh,
-                              precision=precision)
+                              precision=precision, queries=queries)
   return scores.astype(queries.dtype), ids
 
 
 def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block, n, *, k: int,
                   metric: str, block_size: int | None, query_block_size: int | None,
                   exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,
-                  mesh=None, precision=None) -> tuple[jax.Array, jax.Array]:
+                  mesh=None, precision=None,
+                  queries: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The streamed top-k behind `topk` and `Index.search`; call it inside `jit`.
 
   Args:
@@ -205,6 +214,12 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
       `corpus`; the identity on the rows for an already prepared corpus.
     n: the number of real corpus rows, a Python int or a traced int32 scalar; rows
       from `n` on are never returned.
+    queries: Euclidean metrics only; the raw `(q, d)` queries, when `corpus` holds
+      raw rows (its first leaf). The `k + refine.TOPK_EXTRA` best candidates by the
+      expansion are then recomputed as `sum((query - row)**2)` from the raw rows.
+      Without it they are recomputed from the prepared (centred) rows, `qp.rows` and
+      `prepare_block(rows)`, which is exact for equal rows but, for float32 rows far
+      from the shift, less accurate (see `jaxsim._src.refine`).
 
   Returns:
     `(scores, ids)`, `(q, k)`, in the accumulation dtype, best first.
@@ -216,44 +231,143 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
                             query_block_size, multiple=GROUP, tile=defaults.topk_tile())
   # Padding the queries once to whole blocks makes `block_map`'s blocking a reshape.
   q_pad = -(-q // qb) * qb
-  padded = (jnp.pad(qp.rows, ((0, q_pad - q), (0, 0))), jnp.pad(qp.aux, (0, q_pad - q)),
-            jnp.arange(q_pad, dtype=jnp.int32))
+  pad = lambda v: jnp.pad(v, ((0, q_pad - q),) + ((0, 0),) * (v.ndim - 1))
+  padded = (pad(qp.rows), pad(qp.aux), jnp.arange(q_pad, dtype=jnp.int32))
   acc = qp.aux.dtype
+  n = jnp.asarray(n, jnp.int32)
 
-  def local(shard, offset, padded, shift, n):
-    init = (jnp.full((q_pad, k), -jnp.inf, acc), jnp.full((q_pad, k), -1, jnp.int32))
+  def scan(tile, width, extra, finish=None):
+    """The streamed top-`width` keys that `tile(qp_block, block, bp, keep, *extra)`
+    gives each tile, per device; `finish(best, ids, shard, offset, aux_max, padded,
+    shift, *extra)` then maps each device's `(best, ids)` (with the largest finite corpus `aux` it
+    saw) to `(best, ids, *more)` before the devices' results are merged."""
 
-    def step(carry, block, start, valid):
-      bp = prepare_block(block, shift)
-      first = offset + start
-      cols = first + jnp.arange(bp.rows.shape[0], dtype=jnp.int32)
-      col_ok = valid & (cols < n)
+    def local(shard, offset, padded, extra, shift, n):
+      init = (jnp.full((q_pad, width), -jnp.inf, acc), jnp.full((q_pad, width), -1, jnp.int32),
+              jnp.zeros((), acc))
 
-      def tile(args):
-        best, best_ids, rows, aux, ids = args
-        s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
-        keep = col_ok[None, :]
-        if exclude_self:
-          keep = keep & (ids[:, None] != cols[None, :])
-        return _merge_tile(best, best_ids, _keys(s, metric, keep), first, k, approx,
-                           recall_target)
+      def step(carry, block, start, valid):
+        bp = prepare_block(block, shift)
+        first = offset + start
+        cols = first + jnp.arange(bp.rows.shape[0], dtype=jnp.int32)
+        col_ok = valid & (cols < n)
 
-      return blockscan.block_map(tile, (*carry, *padded), block_size=qb)
+        def one(args):
+          best, best_ids, rows, aux, ids, *more = args
+          qp_block = kernels.Prepared(rows, aux)
+          keep = col_ok[None, :]
+          if exclude_self:
+            keep = keep & (ids[:, None] != cols[None, :])
+          key = tile(qp_block, block, bp, keep, *more)
+          return _merge_tile(best, best_ids, key, first, width, approx, recall_target)
 
-    return blockscan.block_scan(step, init, shard, block_size=nb, pad_tail=False)
+        best, best_ids = blockscan.block_map(one, (*carry[:2], *padded, *extra), block_size=qb)
+        aux_max = jnp.maximum(carry[2], jnp.max(jnp.where(col_ok & jnp.isfinite(bp.aux), bp.aux,
+                                                          0.0)))
+        return best, best_ids, aux_max
 
-  best, best_ids = sharding.map_shards(local, corpus, padded, shift, jnp.asarray(n, jnp.int32),
-                                       mesh=mesh)
-  if best.shape[0] > 1:
-    # Shards in device order hold increasing ids, so position ties are id ties.
-    best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
-    best_ids = jnp.moveaxis(best_ids, 0, 1).reshape(q_pad, -1)
-    best, pos = lax.top_k(best, k)
-    best_ids = jnp.take_along_axis(best_ids, pos, axis=1)
-  else:
-    best, best_ids = best[0], best_ids[0]
-  best, best_ids = best[:q], best_ids[:q]
-  return (-best if euclid else best), best_ids
+      best, best_ids, aux_max = blockscan.block_scan(step, init, shard, block_size=nb,
+                                                     pad_tail=False)
+      if finish is None:
+        return best, best_ids
+      return finish(best, best_ids, shard, offset, aux_max, padded, shift, *extra)
+
+    out = sharding.map_shards(local, corpus, padded, extra, shift, n, mesh=mesh)
+    best, best_ids, more = out[0], out[1], out[2:]
+    if best.shape[0] > 1:
+      # Shards in device order hold increasing ids, so position ties are id ties.
+      best = jnp.moveaxis(best, 0, 1).reshape(q_pad, -1)
+      best_ids = jnp.moveaxis(best_ids, 0, 1).reshape(q_pad, -1)
+      best, pos = lax.top_k(best, width)
+      best_ids = jnp.take_along_axis(best_ids, pos, axis=1)
+    else:
+      best, best_ids = best[0], best_ids[0]
+    return (best, best_ids, *more)
+
+  if not euclid:
+    best, best_ids = scan(
+        lambda qp_block, block, bp, keep: _keys(
+            kernels.score(qp_block, bp, metric, precision=precision), metric, keep), k, ())
+    return best[:q], best_ids[:q]
+
+  # Euclidean: (1) each device's k + TOPK_EXTRA best by the expansion, recomputed
+  # directly from its own rows; (2) for queries where the error bound cannot rule out a
+  # row outside those candidates (tight clusters), a second scan that recomputes every
+  # row the bound leaves in reach of the k-th distance. Keys are negated squared
+  # distances.
+  a = pad(queries if queries is not None else qp.rows)
+  d = a.shape[-1]
+  raw = queries is not None
+  width = k + refine.TOPK_EXTRA
+  in_dtype = qp.rows.dtype
+
+  def exact_candidates(hat, hat_ids, shard, offset, aux_max, padded, shift, a):
+    best, best_ids = _refine_candidates(a, hat, hat_ids - offset, shard, shift, prepare_block,
+                                        raw=raw)
+    # Every row of this shard outside its candidates has an expansion >= the worst
+    # candidate's, hence a squared distance >= `floor` (-inf: all rows are candidates).
+    err = refine.error_bound(padded[1], aux_max[None], d, in_dtype)[:, 0]
+    floor = jnp.where(hat[:, -1] > -jnp.inf, -hat[:, -1] - err, jnp.inf)
+    return best, best_ids + offset, floor
+
+  best, best_ids, floor = scan(
+      lambda qp_block, block, bp, keep, _: _keys(
+          kernels.score(qp_block, bp, "sq_euclidean", precision=precision), metric, keep),
+      width, (a,), exact_candidates)
+  best, best_ids = best[:, :k], best_ids[:, :k]
+  kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
+  open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0) & (padded[2] < q)
+
+  def second(_):
+    def tile(qp_block, block, bp, keep, arows, limit, active):
+      s = kernels.score(qp_block, bp, "sq_euclidean", precision=precision)
+      e = refine.error_bound(qp_block.aux, bp.aux, d, in_dtype)
+      maybe = keep & active[:, None] & (s - e <= limit[:, None])
+      brows = block if raw else bp.rows
+      s = refine.refine_where(s, maybe, lambda r, c: refine.direct_sq(arows[r], brows[c], acc))
+      return jnp.where(maybe, -s, -jnp.inf)
+
+    again, again_ids = scan(tile, k, (a, kth, open_))
+    keep = open_[:, None]
+    return jnp.where(keep, again, best), jnp.where(keep, again_ids, best_ids)
+
+  best, best_ids = lax.cond(jnp.any(open_), second, lambda _: (best, best_ids), None)
+  dist = -best[:q]
+  if metric == "euclidean":
+    dist = kernels.safe_sqrt(dist)
+  lowest = jnp.finfo(acc).min
+  # Non-finite distances rank last, reported as the largest finite value; abs also
+  # turns the -0.0 of a negated zero key into 0.0.
+  return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
+
+
+def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw):
+  """Each query's candidates sorted by direct squared distance.
+
+  `best_ids` index the rows of `corpus` (a raw row array or a prepared pytree), -1 or
+  any id where `best` is -inf (masked). Returns keys (negated squared distances; -inf
+  where the candidate was masked, lowest finite for NaN) and ids, best first, ties to
+  the lower id.
+  """
+  d = a.shape[-1]
+  acc = best.dtype
+  c = best.shape[1]
+  rows = jax.tree.leaves(corpus)[0] if raw else corpus
+  qr = max(8, defaults.stats_tile() // max(1, c * d))
+
+  def block(args):
+    a, best, ids = args
+    safe = jnp.maximum(ids, 0)
+    if raw:
+      cand = rows[safe]
+    else:
+      cand = prepare_block(jax.tree.map(lambda leaf: leaf[safe.reshape(-1)], corpus),
+                           shift).rows.reshape(*safe.shape, d)
+    key = _keys(refine.direct_sq(a[:, None, :], cand, acc), "sq_euclidean", best > -jnp.inf)
+    neg, ids = lax.sort((-key, ids), num_keys=2)
+    return -neg, ids
+
+  return blockscan.block_map(block, (a, best, best_ids), block_size=qr)
 
 
 class Pairs(NamedTuple):
@@ -292,17 +406,20 @@ def _sort_pairs(rows, cols, scores):
 
 
 def _insert(found: _Found, mask: jax.Array, s: jax.Array, ids: jax.Array, cols: jax.Array,
-            capacity: int) -> _Found:
+            capacity: int, exact=None) -> _Found:
   """Adds a tile's pairs so that `found` holds the first `capacity` pairs in row-major
-  order among all pairs seen, whatever the order tiles arrive in."""
+  order among all pairs seen, whatever the order tiles arrive in.
+
+  `exact(r, c)`, if given, computes the scores of the extracted pairs (tile positions)
+  instead of reading them from `s`."""
   size = min(capacity, mask.size)
   total = jnp.sum(mask, dtype=jnp.int32)
   # jnp.nonzero lists the tile's pairs row-major: its first `size` are its smallest.
   r, c = jnp.nonzero(mask, size=size, fill_value=0)
-  used = jnp.arange(size) < jnp.minimum(total, size)
+  used = jnp.arange(size, dtype=jnp.int32) < jnp.minimum(total, size)
   new_rows = jnp.where(used, ids[r], _INT32_MAX)
   new_cols = jnp.where(used, cols[c], _INT32_MAX)
-  new_scores = s[r, c]
+  new_scores = s[r, c] if exact is None else exact(r.astype(jnp.int32), c.astype(jnp.int32))
   last = jnp.maximum(found.last_row, jnp.max(jnp.where(used, new_rows, -1)))
 
   def append(_):
@@ -349,7 +466,8 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     x: `(n, d)` rows.
     y: `(m, d)` rows, or `None` for the pairs within `x`.
     threshold: the score bound (a similarity floor, or a distance ceiling).
-    max_pairs: capacity of the returned arrays.
+    max_pairs: capacity of the returned arrays, at most 2**31 - 1; clamped to the
+      number of pairs there are.
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
       `"euclidean"`.
     block_size: corpus (`y`) rows per block; default: equal blocks of at most about
@@ -362,12 +480,18 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
-    A `Pairs` (rows, cols, scores, count, overflowed); unused slots hold -1 indices
-    and score 0.
+    A `Pairs` (rows, cols, scores, count, overflowed) whose arrays hold
+    `min(max_pairs, P)` slots, `P` the number of pairs considered; unused slots hold
+    -1 indices and score 0. For the Euclidean metrics every returned distance is
+    recomputed directly from the rows, and every pair whose side of the threshold the
+    expansion's error bound leaves open is decided on that direct value (see
+    `jaxsim._src.refine`). A pair with a non-finite row never qualifies.
 
   Raises:
     ValueError: for inputs that are not 2-D, mismatched feature dims, an unknown
-      metric, or a non-positive `max_pairs` or block size.
+      metric, a NaN `threshold`, a `max_pairs` outside `[1, 2**31 - 1]` or a
+      non-positive block size.
+    TypeError: for a `threshold` that is not a real number.
 
   Examples:
     >>> import jax.numpy as jnp, jaxsim
@@ -386,17 +510,19 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
                                   max_pairs=max_pairs)
   x, y = validation.matrices(x, y)
   threshold = validation.check_scalar(threshold, "threshold")
-  max_pairs = validation.check_positive_int(max_pairs, "max_pairs")
+  max_pairs = validation.check_positive_int(max_pairs, "max_pairs", maximum=_INT32_MAX)
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
   n = x.shape[0]
   bound = n * (n - 1) // 2 if y is None else n * y.shape[0]
+  capacity = min(max_pairs, bound)
   if bound == 0:
-    none = jnp.full((max_pairs,), -1, jnp.int32)
-    return Pairs(none, none, jnp.zeros((max_pairs,), x.dtype), jnp.int32(0), jnp.bool_(False))
-  found = _pairs(x, y, jnp.asarray(threshold, kernels.accum_dtype(x.dtype)), metric=metric,
-                 max_pairs=max_pairs, block_size=block_size, query_block_size=query_block_size,
-                 mesh=mesh, precision=precision, bound=bound)
+    none = jnp.full((0,), -1, jnp.int32)
+    return Pairs(none, none, jnp.zeros((0,), x.dtype), jnp.int32(0), jnp.bool_(False))
+  found = _pairs(x, y, validation.canonical_scalar(threshold, kernels.accum_dtype(x.dtype)),
+                 metric=metric, max_pairs=capacity, block_size=block_size,
+                 query_block_size=query_block_size, mesh=mesh, precision=precision,
+                 bound=bound)
   if not isinstance(found.overflowed, jax.core.Tracer) and bool(found.overflowed):
     warnings.warn(f"pairs_above: {found.count} pairs qualify but max_pairs={max_pairs}; only "
                   "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=2)
@@ -409,54 +535,69 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
            bound):
   within = y is None
   corpus = x if within else y
-  n, m = x.shape[0], corpus.shape[0]
+  n, m, d = x.shape[0], corpus.shape[0], x.shape[1]
   euclid = metric in kernels.DISTANCES
-  shift = kernels.centre(corpus) if euclid else jnp.zeros((1, 1))
+  acc = kernels.accum_dtype(x.dtype)
+  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
   qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
-  xp = kernels.prepare(x, metric, shift=shift if euclid else None)
-  q_pad = -(-n // qb) * qb
-  queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
-             jnp.arange(q_pad, dtype=jnp.int32))
+  prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
+  # Distances are compared squared; a negative distance threshold passes no pair.
+  limit = (jnp.where(threshold >= 0, threshold * threshold, -1.0)
+           if metric == "euclidean" else threshold)
 
-  def local(shard, offset, queries, shift, threshold):
+  def local(shard, offset, x, shift, threshold, limit):
     # Rows outer, columns inner: once the buffer is full, later row blocks can only
-    # hold later pairs, so they are counted without being extracted.
-    cp = kernels.prepare(shard, metric, shift=shift if euclid else None)
+    # hold later pairs, so they are counted without being extracted. Both sides are
+    # prepared a block at a time, inside the loops: no prepared copy of either exists.
     init = _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
                   jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
-                  jnp.zeros((max_pairs,), kernels.accum_dtype(x.dtype)), jnp.int32(0),
+                  jnp.zeros((max_pairs,), acc), jnp.int32(0),
                   jnp.int32(-1), stats.wide_zeros())
 
-    def row_step(found, qblock, qstart, qvalid):
-      rows, aux, ids = qblock
+    def row_step(found, qrows, qstart, qvalid):
+      qp = prep(qrows, shift)
+      ids = qstart + jnp.arange(qrows.shape[0], dtype=jnp.int32)
       row_ok = qvalid & (ids < n)
 
       def col_step(found, block, start, valid):
-        cols = offset + start + jnp.arange(block.rows.shape[0], dtype=jnp.int32)
+        bp = prep(block, shift)
+        cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
         ok = row_ok[:, None] & (valid & (cols < m))[None, :]
         if within:
           ok &= ids[:, None] < cols[None, :]
 
         def tile(found):
-          s = kernels.score(kernels.Prepared(rows, aux), block, metric, precision=precision)
-          hit = ok & ((s <= threshold) if euclid else (s >= threshold))
+          if euclid:
+            exact = lambda r, c: refine.direct_sq(qrows[r], block[c], acc)
+            s = kernels.score(qp, bp, "sq_euclidean", precision=precision)
+            # Pairs the expansion cannot place on a side of the threshold: decide them
+            # on the direct value.
+            err = refine.error_bound(qp.aux, bp.aux, d, x.dtype)
+            s = refine.refine_where(s, ok & (jnp.abs(s - limit) <= err), exact)
+            hit = ok & (s <= limit)
+            if metric == "euclidean":
+              exact = lambda r, c: kernels.safe_sqrt(refine.direct_sq(qrows[r], block[c], acc))
+          else:
+            exact = None
+            s = kernels.score(qp, bp, metric, precision=precision)
+            hit = ok & (s >= threshold)
           total = jnp.sum(hit, dtype=jnp.int32)
           counted = found._replace(count=stats.wide_add(found.count, total))
           later = (found.filled >= max_pairs) & (ids[0] > found.last_row)
           return lax.cond((total > 0) & ~later,
-                          lambda f: _insert(f, hit, s, ids, cols, max_pairs),
+                          lambda f: _insert(f, hit, s, ids, cols, max_pairs, exact),
                           lambda f: f, counted)
 
         if not within:
           return tile(found)
-        upper = ids[0] < offset + start + block.rows.shape[0] - 1
+        upper = ids[0] < offset + start + block.shape[0] - 1
         return lax.cond(upper, tile, lambda f: f, found)
 
-      return blockscan.block_scan(col_step, found, cp, block_size=nb, pad_tail=False)
+      return blockscan.block_scan(col_step, found, shard, block_size=nb, pad_tail=False)
 
-    return blockscan.block_scan(row_step, init, queries, block_size=qb)
+    return blockscan.block_scan(row_step, init, x, block_size=qb, pad_tail=False)
 
-  parts = sharding.map_shards(local, corpus, queries, shift, threshold, mesh=mesh)
+  parts = sharding.map_shards(local, corpus, x, shift, threshold, limit, mesh=mesh)
   rows, cols, scores = parts.rows.reshape(-1), parts.cols.reshape(-1), parts.scores.reshape(-1)
   rows, cols, scores = _sort_pairs(rows, cols, scores)
   rows, cols, scores = rows[:max_pairs], cols[:max_pairs], scores[:max_pairs]

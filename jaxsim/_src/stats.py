@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, defaults, distributed, kernels, sharding, validation
+from jaxsim._src import blockscan, defaults, distributed, kernels, refine, sharding, validation
 
 _LO_BITS = 24
 _LO_MASK = (1 << _LO_BITS) - 1
@@ -53,9 +53,13 @@ def wide_sum(a: WideCount, b: WideCount) -> WideCount:
   return WideCount(a.hi + b.hi + (lo >> _LO_BITS), lo & _LO_MASK)
 
 
-def wide_float(w: WideCount) -> jax.Array:
-  """The count as float32, rounded once (`hi * 2**24` is exact below 2**48)."""
-  return w.hi.astype(jnp.float32) * float(1 << _LO_BITS) + w.lo.astype(jnp.float32)
+def wide_float(w: WideCount, dtype=jnp.float32) -> jax.Array:
+  """The count as a float of `dtype`, rounded once (`hi * 2**24` is exact below 2**48).
+
+  The statistics divide by it in their accumulation dtype: a float32 count of 16.8M
+  pairs would be off by one and bias a float64 mean by 6e-8.
+  """
+  return w.hi.astype(dtype) * float(1 << _LO_BITS) + w.lo.astype(dtype)
 
 
 def wide_greater(w: WideCount, p: int) -> jax.Array:
@@ -94,18 +98,19 @@ class _Moments(NamedTuple):
   max: jax.Array
   nonneg: WideCount
   hist: WideCount  # (bins,)
+  nans: WideCount  # NaN scores: pairs with a non-finite row
 
 
 def _empty(bins: int, dtype) -> _Moments:
   z = jnp.zeros((), dtype)
   return _Moments(wide_zeros(), z, z, z, z, z + jnp.inf, z - jnp.inf, wide_zeros(),
-                  wide_zeros((bins,)))
+                  wide_zeros((bins,)), wide_zeros())
 
 
 def _combine(a: _Moments, b: _Moments) -> _Moments:
   """Merges two summaries: Chan et al.'s pairwise update for the squared deviations,
   compensated (two-sum) accumulation of the sums, exact integer counts."""
-  na, nb = wide_float(a.count), wide_float(b.count)
+  na, nb = wide_float(a.count, a.total.dtype), wide_float(b.count, b.total.dtype)
   n = na + nb
   both = (na > 0) & (nb > 0)
   safe = lambda v: jnp.where(v > 0, v, 1.0)
@@ -116,7 +121,7 @@ def _combine(a: _Moments, b: _Moments) -> _Moments:
   return _Moments(
       wide_sum(a.count, b.count), total, a.total_err + b.total_err + err, m2,
       a.m2_err + b.m2_err + err2, jnp.minimum(a.min, b.min), jnp.maximum(a.max, b.max),
-      wide_sum(a.nonneg, b.nonneg), wide_sum(a.hist, b.hist))
+      wide_sum(a.nonneg, b.nonneg), wide_sum(a.hist, b.hist), wide_sum(a.nans, b.nans))
 
 
 def _tile_moments(s: jax.Array, mask: jax.Array, edges: jax.Array) -> _Moments:
@@ -124,6 +129,10 @@ def _tile_moments(s: jax.Array, mask: jax.Array, edges: jax.Array) -> _Moments:
   histogram over the `(bins + 1,)` `edges`."""
   bins = edges.shape[0] - 1
   lo, hi = edges[0], edges[-1]
+  # NaN scores are flagged and kept out of every sum, explicitly: a NaN inside a fused
+  # min/max reduction on XLA:CPU does not reliably come out as NaN.
+  nan = mask & jnp.isnan(s)
+  mask = mask & ~nan
   n = jnp.sum(mask, dtype=jnp.int32)
   total = jnp.sum(jnp.where(mask, s, 0.0))
   mean = total / jnp.maximum(n, 1).astype(s.dtype)
@@ -142,7 +151,8 @@ def _tile_moments(s: jax.Array, mask: jax.Array, edges: jax.Array) -> _Moments:
       wide_add(wide_zeros(), n), total, z, jnp.sum(dev * dev), z,
       jnp.min(jnp.where(mask, s, jnp.inf)), jnp.max(jnp.where(mask, s, -jnp.inf)),
       wide_add(wide_zeros(), jnp.sum(mask & (s >= 0), dtype=jnp.int32)),
-      wide_add(wide_zeros((bins,)), hist[:bins]))
+      wide_add(wide_zeros((bins,)), hist[:bins]),
+      wide_add(wide_zeros(), jnp.sum(nan, dtype=jnp.int32)))
 
 
 class SimilarityStats(NamedTuple):
@@ -199,7 +209,9 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     bins: number of equal-width histogram bins.
     range: `(lo, hi)` of the histogram. Defaults to `(-1, 1)` for cosine; required for
       the other metrics, whose scores have no fixed range (a first call's `min` and
-      `max` are a good choice).
+      `max` are a good choice: the ends are traced, so a new range reuses the
+      compiled program). Checked in the accumulation dtype: finite, `lo < hi`, a
+      width that does not overflow and `bins` distinct edges.
     exclude_diagonal: `y=None` only: leave out the self pairs `(i, i)`.
     block_size: corpus (`y`) rows per block; default: equal blocks of at most about
       4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
@@ -215,11 +227,16 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     A `SimilarityStats`. Scores are computed in the accumulation dtype (float32, or
     float64 for float64 inputs) from the inputs' dtype. The mean uses compensated
     summation of per-tile sums and the standard deviation Chan et al.'s pairwise
-    update, so both stay accurate over 1e9+ pairs.
+    update, so both stay accurate over 1e9+ pairs; the count they divide by is in
+    the accumulation dtype. Euclidean pairs closer than the expansion can resolve
+    are recomputed directly (see `jaxsim._src.refine`). A pair with a non-finite row
+    has a NaN score: it makes `mean`, `std`, `min` and `max` NaN (as numpy would), is
+    in `count`, and is in neither the histogram nor the non-negative share.
 
   Raises:
-    ValueError: for bad shapes, an unknown metric, `bins < 1`, a missing or empty
-      `range`, or no pairs at all.
+    ValueError: for bad shapes, an unknown metric, `bins < 1`, a missing, infinite,
+      overflowing or collapsing `range`, or no pairs at all.
+    TypeError: for `range` ends that are not real numbers.
 
   References:
     Chan, Golub and LeVeque, "Algorithms for computing the sample variance: analysis
@@ -250,11 +267,7 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     if metric != "cosine":
       raise ValueError(f"`range` is required for metric {metric!r}: pass range=(lo, hi).")
     range = (-1.0, 1.0)
-  if np.shape(range) != (2,):
-    raise ValueError(f"`range` must be a pair (lo, hi), got {range!r}.")
-  lo, hi = (float(v) for v in range)
-  if not hi > lo:
-    raise ValueError(f"`range` must satisfy lo < hi, got {range!r}.")
+  lo, hi = check_range(range, bins, kernels.accum_dtype(x.dtype))
   n = x.shape[0]
   m = n if y is None else y.shape[0]
   if y is None:
@@ -265,10 +278,47 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     raise ValueError(f"There are no pairs to summarise: x.shape={x.shape}, "
                      f"y.shape={None if y is None else y.shape}, "
                      f"exclude_diagonal={exclude_diagonal}.")
-  return _stats(x, y, metric=metric, bins=bins, lo=lo, hi=hi,
+  return _stats(x, y, lo, hi, metric=metric, bins=bins,
                 diagonal=None if y is not None else not exclude_diagonal,
                 block_size=block_size, query_block_size=query_block_size, mesh=mesh,
                 precision=precision, bound=pairs)
+
+
+def check_range(value, bins: int, dtype) -> tuple[jax.Array, jax.Array]:
+  """The histogram `range` as two scalars of `dtype` (traced arguments of the compiled
+  program, so that a new range reuses it).
+
+  Concrete ranges are checked as `numpy.histogram` checks them, in `dtype`, the
+  precision the bins are computed in: both ends finite, `lo < hi`, a width that does
+  not overflow, and edges that stay distinct (a range narrower than `bins` ulps would
+  collapse).
+
+  Raises:
+    ValueError: for anything but a pair of finite numbers making `bins` distinct,
+      increasing edges in `dtype`.
+    TypeError: for ends that are not real numbers.
+  """
+  if isinstance(value, (str, bytes)) or np.shape(value) != (2,):
+    raise ValueError(f"`range` must be a pair (lo, hi), got {value!r}.")
+  lo, hi = (validation.check_scalar(v, "range") for v in value)
+  lo, hi = (validation.canonical_scalar(v, dtype) for v in (lo, hi))
+  if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+    return lo, hi
+  a, b = np.asarray(lo), np.asarray(hi)
+  if not (np.isfinite(a) and np.isfinite(b)):
+    raise ValueError(f"`range` must be finite, got {value!r}.")
+  with np.errstate(over="ignore", invalid="ignore"):
+    width = b - a
+    edges = np.linspace(a, b, bins + 1, dtype=dtype)
+  if not b > a:
+    raise ValueError(f"`range` must satisfy lo < hi in {jnp.dtype(dtype).name}, got {value!r}.")
+  if not np.isfinite(width):
+    raise ValueError(f"`range` is too wide: hi - lo overflows {jnp.dtype(dtype).name}, got "
+                     f"{value!r}.")
+  if not np.all(np.diff(edges) > 0):
+    raise ValueError(f"`range` {value!r} is too narrow for {bins} distinct bins in "
+                     f"{jnp.dtype(dtype).name}.")
+  return lo, hi
 
 
 def _even_blocks(size: int, cap: int, multiple: int) -> int:
@@ -303,24 +353,25 @@ def tile_sizes(q: int, n: int, block_size: int | None, query_block_size: int | N
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "metric", "bins", "lo", "hi", "diagonal", "block_size", "query_block_size", "mesh",
-    "precision", "bound"))
-def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size, mesh,
+    "metric", "bins", "diagonal", "block_size", "query_block_size", "mesh", "precision",
+    "bound"))
+def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size, mesh,
            precision, bound):
   corpus = x if y is None else y
   n, m = x.shape[0], corpus.shape[0]
-  shift = kernels.centre(corpus) if metric in kernels.DISTANCES else jnp.zeros((1, 1))
+  shift = (kernels.centre(corpus, mesh=mesh) if metric in kernels.DISTANCES
+           else jnp.zeros((1, 1)))
   qb, nb = tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
   xp = kernels.prepare(x, metric, shift=shift if metric in kernels.DISTANCES else None)
   q_pad = -(-n // qb) * qb
   queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
              jnp.arange(q_pad, dtype=jnp.int32))
   acc_dtype = kernels.accum_dtype(x.dtype)
-  # Built where it is used (a constant inside shard_map), not captured from outside.
-  make_edges = lambda: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)
+  euclid = metric in kernels.DISTANCES
+  make_edges = lambda lo, hi: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)
 
-  def local(shard, offset, queries, shift):
-    edges = make_edges()
+  def local(shard, offset, queries, shift, lo, hi):
+    edges = make_edges(lo, hi)
 
     def corpus_step(acc, block, start, valid):
       bp = kernels.prepare(block, metric,
@@ -335,8 +386,17 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
           ok &= (ids[:, None] <= cols[None, :]) if diagonal else (ids[:, None] < cols[None, :])
 
         def tile(_):
-          s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
-          return _tile_moments(s, ok, edges)
+          if not euclid:
+            s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
+            return _tile_moments(s, ok, edges)
+          # Close pairs recomputed directly, as the dense forms do (`jaxsim._src.refine`).
+          s = kernels.score(kernels.Prepared(rows, aux), bp, "sq_euclidean", precision=precision)
+          close = ok & (s <= refine.RHO * (aux[:, None] + bp.aux[None, :]))
+          raw = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(qstart, n - qb), qb)
+          shift_rows = jnp.maximum(qstart + qb - n, 0)  # the last block is shifted back
+          exact = lambda r, c: refine.direct_sq(raw[r + shift_rows], block[c], acc_dtype)
+          s = refine.refine_where(s, close, exact)
+          return _tile_moments(kernels.safe_sqrt(s) if metric == "euclidean" else s, ok, edges)
 
         if diagonal is None:
           return _combine(acc, tile(None))
@@ -351,15 +411,20 @@ def _stats(x, y, *, metric, bins, lo, hi, diagonal, block_size, query_block_size
     return blockscan.block_scan(corpus_step, _empty(bins, acc_dtype), shard, block_size=nb,
                                 pad_tail=False)
 
-  parts = sharding.map_shards(local, corpus, queries, shift, mesh=mesh)
+  parts = sharding.map_shards(local, corpus, queries, shift, lo, hi, mesh=mesh)
   total = jax.tree.map(lambda leaf: leaf[0], parts)
-  for i in range(1, sharding.num_shards(mesh)):
+  for i in range(1, parts.min.shape[0]):
     total = _combine(total, jax.tree.map(lambda leaf, i=i: leaf[i], parts))
-  count = wide_float(total.count)
+  count = wide_float(total.count, acc_dtype)
   mean = (total.total + total.total_err) / count
   var = jnp.maximum(total.m2 + total.m2_err, 0.0) / count
+  # A pair with a non-finite row makes the summaries NaN, as in numpy; it is in `count`
+  # but in neither the histogram nor the non-negative share's numerator.
+  nan = lambda v: jnp.where((total.nans.hi > 0) | (total.nans.lo > 0), jnp.nan, v)
+  count_all = wide_sum(total.count, total.nans)
   return SimilarityStats(
-      count=wide_result(total.count, bound), mean=mean, std=jnp.sqrt(var), min=total.min,
-      max=total.max, share_nonnegative=wide_float(total.nonneg) / count,
+      count=wide_result(count_all, bound), mean=nan(mean), std=nan(jnp.sqrt(var)),
+      min=nan(total.min), max=nan(total.max),
+      share_nonnegative=wide_float(total.nonneg, acc_dtype) / wide_float(count_all, acc_dtype),
       histogram=wide_result(total.hist, bound),
-      bin_edges=make_edges())
+      bin_edges=make_edges(lo, hi))

@@ -12,28 +12,49 @@ import numpy as np
 from jax.typing import ArrayLike
 
 
-def as_float_array(value: ArrayLike, name: str) -> jax.Array | np.ndarray:
-  """Returns `value` as a real floating array, promoting integers and bools.
+def _from_torch(value):
+  """A torch tensor as something `numpy.asarray` or DLPack can read, without torch.
 
-  Arrays that are already floating pass through untouched (no copy, no device
-  transfer), which keeps eager calls cheap.
+  Tensors that require grad are detached (jaxsim does not differentiate through
+  torch), and dtypes numpy lacks (bfloat16) cross through DLPack.
+  """
+  if getattr(value, "requires_grad", False):
+    value = value.detach()
+  if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+    return jnp.from_dlpack(value.cpu().contiguous())
+  return value
+
+
+def as_float_array(value: ArrayLike, name: str) -> jax.Array | np.ndarray:
+  """Returns `value` as a real floating array of a dtype JAX uses, promoting integers.
+
+  Arrays that are already floating in a dtype JAX keeps pass through untouched (no
+  copy, no device transfer), which keeps eager calls cheap. Float64 numpy arrays
+  become float32 unless `jax_enable_x64` is on, here, on the host, so that no
+  "explicitly requested dtype float64" warning is raised later. Torch tensors are
+  accepted: detached if they require grad, through DLPack if numpy has no such dtype.
 
   Raises:
     TypeError: if `value` is not array-like, or is complex or non-numeric.
   """
-  if isinstance(value, (jax.Array, np.ndarray)):
+  if type(value).__module__.startswith("torch"):
+    value = _from_torch(value)
+  if isinstance(value, jax.Array):
     dtype = value.dtype
   else:
     if isinstance(value, (str, bytes)) or value is None:
       raise TypeError(f"`{name}` must be an array, got {type(value).__name__}.")
     try:
       value = np.asarray(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
       raise TypeError(f"`{name}` must be array-like, got {type(value).__name__}: {err}") from None
-    if value.dtype.kind == "f":
-      # Python floats are float64 to numpy; JAX reads them as its default float.
-      value = value.astype(jax.dtypes.canonicalize_dtype(value.dtype))
     dtype = value.dtype
+    if dtype.kind == "f" or jnp.issubdtype(dtype, jnp.floating):
+      # float64 -> float32 without x64 (Python floats are float64 to numpy too).
+      canonical = jax.dtypes.canonicalize_dtype(dtype)
+      if canonical != dtype:
+        value = value.astype(canonical)
+        dtype = value.dtype
   if dtype.kind == "f":
     return value
   if dtype.kind in "iub":
@@ -83,7 +104,10 @@ def pair(x: ArrayLike, y: ArrayLike | None, *, x_name: str = "x",
         f"Batch dims of `{x_name}` and `{y_name}` do not broadcast: "
         f"{x_name}.shape={x.shape}, {y_name}.shape={y.shape}.") from None
   if x.dtype != y.dtype:
-    dtype = jnp.promote_types(x.dtype, y.dtype)
+    # Mixed inputs widen as JAX's standard promotion would, explicitly, so that this
+    # also holds under `jax_numpy_dtype_promotion="strict"`.
+    with jax.numpy_dtype_promotion("standard"):
+      dtype = jnp.promote_types(x.dtype, y.dtype)
     x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
   return x, y
 
@@ -104,11 +128,14 @@ def block_sizes(block_size, query_block_size) -> tuple[int | None, int | None]:
           check_positive_int(query_block_size, "query_block_size", allow_none=True))
 
 
-def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
+def check_positive_int(value, name: str, *, allow_none: bool = False,
+                       maximum: int | None = None) -> int | None:
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"`{name}` must be at most {maximum}, got {value!r}.")
   return int(value)
 
 
@@ -118,15 +145,41 @@ def check_bool(value, name: str) -> bool:
   return bool(value)
 
 
-def check_scalar(value, name: str):
-  """A real scalar option (a Python number or a 0-d array, traced or not)."""
-  if type(value) in (int, float):  # The common case, checked first: eager calls add up.
+def check_scalar(value, name: str, *, allow_nan: bool = False):
+  """A real scalar option (a Python number or a 0-d array, traced or not).
+
+  Raises:
+    TypeError: for a string, bool, None, complex or other non-real value.
+    ValueError: for a non-scalar array, or a NaN (unless `allow_nan`); a traced value
+      is checked for shape and dtype only.
+  """
+  if type(value) is int:  # The common cases, checked first: eager calls add up.
     return value
-  if value is None:
-    raise TypeError(f"`{name}` must be a real number, got None.")
+  if type(value) is float:
+    if value != value and not allow_nan:
+      raise ValueError(f"`{name}` must not be NaN.")
+    return value
+  if value is None or isinstance(value, (str, bytes, bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a real number, got {value!r}.")
   if np.ndim(value) != 0:
     raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(value)}.")
-  dtype = value.dtype if hasattr(value, "dtype") else np.result_type(value)
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    try:
+      dtype = np.result_type(value)
+    except TypeError:
+      raise TypeError(f"`{name}` must be a real number, got {value!r}.") from None
   if dtype.kind not in "iuf" and not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+  if not allow_nan and not isinstance(value, jax.core.Tracer) and np.isnan(
+      np.asarray(value, np.float64)):
+    raise ValueError(f"`{name}` must not be NaN.")
   return value
+
+
+def canonical_scalar(value, dtype) -> jax.Array:
+  """A scalar option as a 0-d array of `dtype`: passed to `jit` as an argument, so that
+  a new value reuses the compiled program instead of compiling another one."""
+  if isinstance(value, jax.Array) and value.dtype == dtype:
+    return value
+  return jnp.asarray(value, dtype)
