@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxsim._src import sharding, validation
+from jaxsim._src import kernels, sharding, validation
 
 # --- meshes -----------------------------------------------------------------------
 
@@ -440,19 +440,15 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
   mesh = _mesh_for(rows, mesh)
   _check_inputs({"x": x, "y": y}, options)
   (xd, xc), (yd, yc) = _unpack(x), _unpack(y)
-  from jaxsim._src import kernels, stats  # stats imports this module
 
-  ends = None
-  if hasattr(stats, "check_range"):
-    # Where `similarity_stats` takes the histogram range as a runtime value, it is
-    # passed in as one here too: ends that are constants of this program would be
-    # folded into edges that can round differently from the direct call's.
-    ends = options.pop("range", None)
-    if ends is None and options.get("metric", "cosine") == "cosine":
-      ends = (-1.0, 1.0)
-    if ends is not None:
-      acc = kernels.accum_dtype(xd.dtype)
-      ends = np.asarray(ends, acc)  # one (2,) array: a tuple of tracers is not array-like
+  # `similarity_stats` takes the histogram range as a runtime value; it is passed in as
+  # one here too: ends that are constants of this program would be folded into edges
+  # that can round differently from the direct call's.
+  ends = options.pop("range", None)
+  if ends is None and options.get("metric", "cosine") == "cosine":
+    ends = (-1.0, 1.0)
+  if ends is not None:
+    ends = np.asarray(ends, kernels.accum_dtype(xd.dtype))  # a tuple of tracers is not array-like
   return _stats(xd, yd, ends, xc=xc, yc=yc, mesh=mesh, options=_options(options))
 
 
@@ -506,7 +502,7 @@ def index_parts(rows: ArrayLike | ShardedRows, *, metric: str, mesh: Mesh | None
   Returns:
     The keyword arguments of `Index._from_parts`.
   """
-  from jaxsim._src import buckets, index, kernels, search  # they import this module
+  from jaxsim._src import buckets, index, search  # they import this module
 
   if isinstance(rows, ShardedRows):
     mesh = _mesh_for(rows, mesh)
@@ -533,7 +529,6 @@ def index_parts(rows: ArrayLike | ShardedRows, *, metric: str, mesh: Mesh | None
 
 @functools.partial(jax.jit, static_argnames=("metric", "capacity", "out"))
 def _prepare_storage(data, shift, *, metric, capacity, out):
-  from jaxsim._src import kernels  # kernels is imported by search, which imports this
 
   pad = capacity - data.shape[0]
   prepared = kernels.prepare(jnp.pad(data, ((0, pad), (0, 0))), metric,
