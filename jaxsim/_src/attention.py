@@ -336,21 +336,29 @@ def _logits(qp, kp, spec: _Logits, *, rows=None, start=0, valid=None):
   return s, jnp.broadcast_to(keep, s.shape)
 
 
-def _block_needed(spec: _Logits, first, last, start, size):
-  """False only where the positional masks hide key block `[start, start + size)` from
-  every query row in `[first, last]`; None when no positional mask is set."""
+def _block_visibility(spec: _Logits, first, last, start, size):
+  """Which positional masks leave key block `[start, start + size)` to query rows
+  `[first, last]`: 0 if they hide it from every row (skip it), 2 if they hide none of
+  it (no positional mask to apply), 1 otherwise; None when no positional mask is set."""
   end = start + size - 1
-  needed = []
+  some, every = [], []  # some row sees some key / every row sees every key
   if spec.is_causal:
-    needed.append(start <= last)
+    some.append(start <= last)
+    every.append(end <= first)
   if spec.window is not None:
     left, right = spec.window
-    needed += [end >= first - left, start <= last + right]
+    some += [end >= first - left, start <= last + right]
+    every += [start >= last - left, end <= first + right]
   if spec.kv_len is not None:
-    needed.append(start < jnp.max(spec.kv_len))
+    some.append(start < jnp.max(spec.kv_len))
+    every.append(end < jnp.min(spec.kv_len))
   if spec.q_len is not None:
-    needed.append(first < jnp.max(spec.q_len))
-  return functools.reduce(jnp.logical_and, needed) if needed else None
+    some.append(first < jnp.max(spec.q_len))
+    every.append(last < jnp.min(spec.q_len))
+  if not some:
+    return None
+  all_of = lambda conds: functools.reduce(jnp.logical_and, conds)
+  return jnp.where(all_of(some), jnp.where(all_of(every), 2, 1), 0)
 
 
 def _dense(qp, kp, spec: _Logits):
@@ -369,7 +377,7 @@ def _online_softmax_step(qp, rows, spec: _Logits, *, t):
   first = rows[0]
   last = jnp.minimum(first + rows.shape[0] - 1, t - 1)  # query blocks pad at the end
 
-  def update(carry, kb, vb, start, valid):
+  def update(carry, kb, vb, start, valid, spec):
     m, l, acc = carry
     s, keep = _logits(qp, kb, spec, rows=rows, start=start, valid=valid)
     # The output does not depend on the shift, so its gradient is exactly zero: stop
@@ -388,12 +396,21 @@ def _online_softmax_step(qp, rows, spec: _Logits, *, t):
     pv = jnp.matmul(p, vb.astype(p.dtype), precision=spec.precision)
     return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
+  unmasked = spec._replace(is_causal=False, window=None, q_len=None, kv_len=None)
+
   def step(carry, block, start, valid):
     kb, vb = block
-    needed = _block_needed(spec, first, last, start, valid.shape[0])
-    if needed is None:
-      return update(carry, kb, vb, start, valid)
-    return jax.lax.cond(needed, lambda c: update(c, kb, vb, start, valid), lambda c: c, carry)
+    visibility = _block_visibility(spec, first, last, start, valid.shape[0])
+    if visibility is None:
+      return update(carry, kb, vb, start, valid, spec)
+    # `switch` runs one branch (a `select` only under vmap), and its transpose is a
+    # switch too: hidden blocks cost nothing forward or backward, and blocks inside
+    # every row's window skip building the positional masks.
+    return jax.lax.switch(visibility, [
+        lambda c: c,
+        lambda c: update(c, kb, vb, start, valid, spec),
+        lambda c: update(c, kb, vb, start, valid, unmasked),
+    ], carry)
 
   return step
 
