@@ -75,7 +75,7 @@ def toy() -> dict:
   out["states"] = states.tolist()
   out["weights"] = {}
   for kind in KINDS:
-    w = jaxsim.attention_weights(query, keys[:, :, None, :], kind=kind)[:, 0, 0]  # (F, 3)
+    w = jaxsim.attention_weights(query, keys[:, :, None, :], metric=kind)[:, 0, 0]  # (F, 3)
     out["weights"][kind] = np.asarray(w).tolist()
   w = {k: np.asarray(v) for k, v in out["weights"].items()}
   out["max_weight_change"] = {k: float(np.ptp(v[:, 1])) for k, v in w.items()}
@@ -162,8 +162,8 @@ def heatmaps() -> dict:
          "uniform_entropy_others_nats": math.log(t - 1), "weights_others": {}, "stats": {},
          "stats_others": {}, "top_other": {}}
   for kind in KINDS:
-    w = np.asarray(jaxsim.attention_weights(x, x, kind=kind)[0])
-    w_others = np.asarray(jaxsim.attention_weights(x, x, kind=kind, mask=others)[0])
+    w = np.asarray(jaxsim.attention_weights(x, x, metric=kind)[0])
+    w_others = np.asarray(jaxsim.attention_weights(x, x, mask=others, metric=kind)[0])
     out["weights_others"][kind] = w_others.tolist()
     out["stats"][kind] = _stats(w, tokens)
     out["stats_others"][kind] = _stats(w_others, tokens)
@@ -228,7 +228,7 @@ def recall_logits(params, keys, values, query, kind):
   k = (pairs @ params["wk"]).reshape(b, -1, n, h)
   v = (pairs @ params["wv"]).reshape(b, -1, n, h)
   scale = jnp.exp(params["log_scale"]) if "log_scale" in params else None
-  o = jaxsim.attention(q, k, v, kind=kind, scale=scale)  # (B, 1, N, H)
+  o = jaxsim.attention(q, k, v, metric=kind, scale=scale)  # (B, 1, N, H)
   return o.reshape(b, n * h) @ params["wo"]
 
 
