@@ -310,7 +310,9 @@ def _logits(qp, kp, spec: _Logits, *, rows=None, start=0, valid=None):
     # Scaled after the matmul, in float32, as jax.nn does: no rounding of q * scale.
     s = s * jnp.asarray(spec.scale, s.dtype)
   t, size = s.shape[-2:]
-  keep = jnp.ones((), bool) if valid is None else valid
+  # Every operand rank 5, (B, K, G, t, s) or size 1: user code may run with
+  # jax_numpy_rank_promotion="raise".
+  keep = jnp.ones((1,) * 5, bool) if valid is None else jnp.reshape(valid, (1, 1, 1, 1, size))
   if spec.bias is not None:
     s = s + _window(spec.bias, rows, start, size).astype(s.dtype)
     # A -inf bias is a mask written additively: treat it as one, so that a row it
@@ -320,7 +322,7 @@ def _logits(qp, kp, spec: _Logits, *, rows=None, start=0, valid=None):
     keep = keep & _window(spec.mask, rows, start, size)
   row = (jax.lax.broadcasted_iota(jnp.int32, (t, 1), 0) if rows is None else rows[:, None])
   col = start + jax.lax.broadcasted_iota(jnp.int32, (1, size), 1)
-  positional = []
+  positional = []  # (t, s), or (B, t, s) for the lengths
   if spec.is_causal:
     # jax.nn's convention: query i sees keys 0..i (top-left aligned when T != S).
     positional.append(col <= row)
@@ -332,7 +334,7 @@ def _logits(qp, kp, spec: _Logits, *, rows=None, start=0, valid=None):
   if spec.kv_len is not None:
     positional.append(col[None] < spec.kv_len[:, None, None])
   for m in positional:
-    keep = keep & (m[:, None, None] if m.ndim == 3 else m)
+    keep = keep & (m[:, None, None] if m.ndim == 3 else m[None, None, None])
   return s, jnp.broadcast_to(keep, s.shape)
 
 
