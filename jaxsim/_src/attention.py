@@ -92,9 +92,9 @@ def _common_dtype(arrays) -> list:
   about an explicitly requested float64. Mixed inputs widen as numpy would, the one
   place that promotes on purpose (so it also runs under strict dtype promotion).
   """
+  dtypes = [jax.dtypes.canonicalize_dtype(a.dtype) for a in arrays]
   with jax.numpy_dtype_promotion("standard"):
-    dtype = jnp.result_type(*(a.dtype for a in arrays))
-  dtype = jax.dtypes.canonicalize_dtype(dtype)
+    dtype = jnp.result_type(*dtypes)
   return [a if isinstance(a, jax.Array) and a.dtype == dtype else jnp.asarray(a, dtype)
           for a in arrays]
 
@@ -204,7 +204,10 @@ def _scale(metric, scale, h):
   if metric == "dot":
     raise ValueError("`scale` has no effect with metric='dot' (unscaled logits); use "
                      "metric='scaled_dot' for a custom scale.")
-  return validation.check_scalar(scale, "scale")
+  scale = validation.check_scalar(scale, "scale")
+  # Python numbers reach the jitted core as one weak-typed float: a new value, int or
+  # float, reuses the compiled program.
+  return float(scale) if isinstance(scale, (int, float, np.number)) else scale
 
 
 class _Call(NamedTuple):
