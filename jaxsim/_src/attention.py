@@ -506,10 +506,13 @@ def _jax_nn(query, key, value, bias, mask, scale, q_len, kv_len, *, metric, is_c
     # negative: a row it hides entirely then gives zeros, not NaN.
     bias = bias.astype(kernels.accum_dtype(q.dtype) if implementation == "xla" else q.dtype)
     bias = jnp.where(bias == -jnp.inf, large_negative(bias.dtype), bias)
-  out, lse = jax.nn.dot_product_attention(
-      q, k, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=q_len,
-      key_value_seq_lengths=kv_len, local_window_size=window, implementation=implementation,
-      return_residual=True)
+  # jax.nn widens bf16/fp16 logits to float32 implicitly, which strict dtype promotion
+  # (user code may run under it) would refuse.
+  with jax.numpy_dtype_promotion("standard"):
+    out, lse = jax.nn.dot_product_attention(
+        q, k, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=q_len,
+        key_value_seq_lengths=kv_len, local_window_size=window,
+        implementation=implementation, return_residual=True)
   # A row with no visible key has logsumexp = the large negative (+ log S); NaN rows
   # stay NaN.
   hidden = lse.astype(jnp.float32) <= 0.5 * large_negative(jnp.float32)
