@@ -469,8 +469,9 @@ def summary(res) -> str:
         "max_err": max(r["max_abs_err_vs_dense"].values())})
   lines.append(harness.format_table(table))
   cs = res["causal_skip"]
-  lines.append(f"\n5. causal skip, T = S = {cs['config']['T']}, block {cs['config']['block_size']}: "
-               f"causal / unmasked blocked time {cs['forward_ratio']:.2f} forward "
+  lines.append(f"\n5. causal skip, T = S = {cs['config']['T']}, "
+               f"block {cs['config']['block_size']}: causal / unmasked blocked time "
+               f"{cs['forward_ratio']:.2f} forward "
                f"(target <= {cs['config']['target_ratio']}: "
                f"{'met' if cs['target_met'] else 'NOT met'}), {cs['gradient_ratio']:.2f} "
                f"gradient; max |causal - jax.nn| {cs['max_abs_err_vs_jax_nn']:.1e}")
