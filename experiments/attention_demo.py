@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 import jaxsim
 from experiments import data, harness
-from experiments.harness import Benchmark, Candidate, Grid, Study
+from experiments.harness import Benchmark, Candidate, Grid, Study, Target
 
 NAME = "attention_demo"
 KINDS = ("dot", "scaled_dot", "cosine")
@@ -56,6 +56,8 @@ FULL = {"train_steps": 600, "seeds": 3, "ts": [256, 512, 1024, 2048, 4096]}
 TASK = {"pairs": 32, "n_keys": 128, "n_values": 128, "width": 64, "heads": 4, "head_dim": 16,
         "batch": 128, "lr": 3e-3, "eval_examples": 4096}
 SCALING = {"batch": 1, "heads": 4, "head_dim": 64, "block_size": 256}
+# Causal against unmasked blocked attention, the block-skipping check.
+CAUSAL = {"batch": 1, "heads": 4, "head_dim": 64, "block_size": 256}
 
 
 # --------------------------------------------------------------------------- 1. toy
@@ -77,7 +79,7 @@ def toy() -> dict:
   out["states"] = states.tolist()
   out["weights"] = {}
   for kind in KINDS:
-    w = jaxsim.attention_weights(query, keys[:, :, None, :], kind=kind)[:, 0, 0]  # (F, 3)
+    w = jaxsim.attention_weights(query, keys[:, :, None, :], metric=kind)[:, 0, 0]  # (F, 3)
     out["weights"][kind] = np.asarray(w).tolist()
   w = {k: np.asarray(v) for k, v in out["weights"].items()}
   out["max_weight_change"] = {k: float(np.ptp(v[:, 1])) for k, v in w.items()}
@@ -164,8 +166,8 @@ def heatmaps() -> dict:
          "uniform_entropy_others_nats": math.log(t - 1), "weights_others": {}, "stats": {},
          "stats_others": {}, "top_other": {}}
   for kind in KINDS:
-    w = np.asarray(jaxsim.attention_weights(x, x, kind=kind)[0])
-    w_others = np.asarray(jaxsim.attention_weights(x, x, kind=kind, mask=others)[0])
+    w = np.asarray(jaxsim.attention_weights(x, x, metric=kind)[0])
+    w_others = np.asarray(jaxsim.attention_weights(x, x, metric=kind, mask=others)[0])
     out["weights_others"][kind] = w_others.tolist()
     out["stats"][kind] = _stats(w, tokens)
     out["stats_others"][kind] = _stats(w_others, tokens)
@@ -230,7 +232,7 @@ def recall_logits(params, keys, values, query, kind):
   k = (pairs @ params["wk"]).reshape(b, -1, n, h)
   v = (pairs @ params["wv"]).reshape(b, -1, n, h)
   scale = jnp.exp(params["log_scale"]) if "log_scale" in params else None
-  o = jaxsim.attention(q, k, v, kind=kind, scale=scale)  # (B, 1, N, H)
+  o = jaxsim.attention(q, k, v, metric=kind, scale=scale)  # (B, 1, N, H)
   return o.reshape(b, n * h) @ params["wo"]
 
 
@@ -385,6 +387,52 @@ def scaling_benchmark() -> Benchmark:
       note="x dense: dense time / this row's time; peak memory: XLA temporaries + output")
 
 
+def _causal_fns() -> dict:
+  fwd = {name: jax.jit(functools.partial(jaxsim.attention, block_size=CAUSAL["block_size"],
+                                         is_causal=causal))
+         for name, causal in (("unmasked", False), ("causal", True))}
+  return {**fwd, **{f"{name} grad": _grad(f) for name, f in fwd.items()}}
+
+
+_CAUSAL = _causal_fns()
+
+
+def _causal_check(case: harness.Case, outputs: dict) -> dict:
+  """Each candidate against jax.nn with the same mask: outputs, and q/k/v gradients."""
+  want = {}
+  for name, causal in (("unmasked", False), ("causal", True)):
+    f = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
+    want[name] = f(case.q, case.k, case.v)
+    want[f"{name} grad"] = _grad(f)(case.q, case.k, case.v)
+  return {name: max(float(np.max(np.abs(np.asarray(o, np.float64) - np.asarray(w, np.float64))))
+                    for o, w in zip(jax.tree.leaves(outputs[name]), jax.tree.leaves(want[name]),
+                                    strict=True))
+          for name in outputs}
+
+
+def causal_benchmark() -> Benchmark:
+  """Blocked attention with and without `is_causal`: masked blocks are skipped.
+
+  With T = S = 2048 and blocks of 256, the causal call computes 36 of the 64
+  (query block, key block) pairs, forward and backward: an ideal time ratio of 0.56.
+  """
+  fixed = {k: [CAUSAL[k]] for k in ("batch", "heads", "head_dim")}
+  return Benchmark(
+      name="attention_causal",
+      title=f"Blocked attention, causal against unmasked, B={CAUSAL['batch']}, "
+            f"N={CAUSAL['heads']}, H={CAUSAL['head_dim']}, block_size={CAUSAL['block_size']}, "
+            "float32",
+      grid=Grid(quick={"T": [2048], **fixed}, full={"T": [2048, 4096], **fixed}),
+      setup=_qkv,
+      candidates=[Candidate(name, lambda c, f=f: f(c.q, c.k, c.v), output=lambda o: o)
+                  for name, f in _CAUSAL.items()],
+      check=_causal_check, tolerance=1e-4, baseline="unmasked", x="T",
+      targets=[Target("causal", "unmasked", at_most=0.65,
+                      label="causal blocked <= 0.65x the unmasked blocked time (forward)")],
+      timing={"warmup": 1},
+      note="x unmasked: unmasked forward time / this row's time")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -440,6 +488,7 @@ PARTS = [
           run=_training, summary=_training_summary,
           plot=lambda res, out: [plot_training(res, out)]),
     scaling_benchmark(),
+    causal_benchmark(),
 ]
 
 

@@ -76,7 +76,7 @@ def block_scan(step: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree], i
   if block_size is None or block_size >= m:
     return step(init, xs, jnp.int32(0), jnp.ones((m,), bool))
   nb = num_blocks(m, block_size)
-  if not pad_tail and m % block_size:
+  if not pad_tail:  # also when block_size divides m: no block-major copy of xs
     return _scan_in_place(step, init, xs, block_size, nb, m, axis, remat)
   blocks = _to_blocks(xs, block_size, nb, axis)
   starts = jnp.arange(nb, dtype=jnp.int32) * block_size
