@@ -35,7 +35,6 @@ warm-up, then side-by-side round-robin samples, median reported.
 
 `--tiny` shrinks every size for the test suite; `--budget-s` skips the sections that
 would start after that many seconds (recorded as skipped); `--only` picks sections.
-`attention_call` is the one place that calls jaxsim's attention API.
 """
 
 from __future__ import annotations
@@ -201,33 +200,6 @@ def plan(backend: str, memory: int | None, mode: str) -> Sizes:
 
 
 # ---------------------------------------------------------------------------------------
-# The one place this script calls jaxsim's attention API.
-
-
-def attention_call(fn: Callable, q, k, v=None, *, metric: str, **options):
-  """`fn(q, k[, v], metric=metric, **options)` for `fn` one of jaxsim's attention functions.
-
-  The logit option is called `kind` in jaxsim 0.1 and `metric` once issue 10 lands;
-  `implementation` exists only after it. Both are read off the signature, so this
-  script runs against either API.
-  """
-  params = inspect.signature(fn).parameters
-  options["metric" if "metric" in params else "kind"] = metric
-  if options.get("implementation") is not None and "implementation" not in params:
-    raise NotImplementedError(f"{fn.__name__} has no `implementation` option in this "
-                              "version of jaxsim.")
-  if "implementation" not in params:
-    options.pop("implementation", None)
-  args = (q, k) if v is None else (q, k, v)
-  return fn(*args, **options)
-
-
-def has_implementation() -> bool:
-  """Whether this jaxsim's attention takes `implementation=` (issue 10's API)."""
-  return "implementation" in inspect.signature(jaxsim.attention).parameters
-
-
-# ---------------------------------------------------------------------------------------
 # Helpers.
 
 
@@ -342,21 +314,21 @@ def correctness(sizes: Sizes, backend: str, key) -> dict[str, Any]:
     for metric in sizes.check_attention_metrics:
       record(f"attention_scores({metric})",
              lambda metric=metric: rel_error(
-                 attention_call(jaxsim.attention_scores, qd, kd, metric=metric),
+                 jaxsim.attention_scores(qd, kd, metric=metric),
                  reference.attention_logits(qr, kr, kind=metric)))
       record(f"attention_weights({metric})",
              lambda metric=metric: rel_error(
-                 attention_call(jaxsim.attention_weights, qd, kd, metric=metric),
+                 jaxsim.attention_weights(qd, kd, metric=metric),
                  reference.attention_weights(qr, kr, kind=metric)))
       want = functools.cache(
           lambda metric=metric: reference.attention(qr, kr, vr, kind=metric, is_causal=True))
       record(f"attention({metric}, causal)",
              lambda metric=metric, want=want: rel_error(
-                 attention_call(jaxsim.attention, qd, kd, vd, metric=metric, is_causal=True),
+                 jaxsim.attention(qd, kd, vd, metric=metric, is_causal=True),
                  want()))
       record(f"attention({metric}, causal, blocked)",
              lambda metric=metric, want=want: rel_error(
-                 attention_call(jaxsim.attention, qd, kd, vd, metric=metric, is_causal=True,
+                 jaxsim.attention(qd, kd, vd, metric=metric, is_causal=True,
                                 block_size=max(8, t // 3)), want()))
   # Public functions this section does not cover yet (added to jaxsim after it).
   covered = {r["function"].split("(")[0] for r in rows}
@@ -523,13 +495,13 @@ def attention(sizes: Sizes, backend: str, key) -> dict[str, Any]:
   flops = 4.0 * b * heads * t * t * h  # two matmuls of 2 BNTSH each
   forms: dict[str, Callable] = {}
   for metric in sizes.attention_metrics:
-    forms[f"jaxsim {metric} dense"] = functools.partial(attention_call, jaxsim.attention,
+    forms[f"jaxsim {metric} dense"] = functools.partial(jaxsim.attention,
                                                         metric=metric)
     forms[f"jaxsim {metric} blocked"] = functools.partial(
-        attention_call, jaxsim.attention, metric=metric, block_size=sizes.attention_block)
-    if backend == "gpu" and has_implementation():
+        jaxsim.attention, metric=metric, block_size=sizes.attention_block)
+    if backend == "gpu":
       forms[f"jaxsim {metric} cudnn"] = functools.partial(
-          attention_call, jaxsim.attention, metric=metric, implementation="cudnn")
+          jaxsim.attention, metric=metric, implementation="cudnn")
   forms["jax.nn xla scaled_dot"] = functools.partial(jax.nn.dot_product_attention,
                                                      implementation="xla")
   if backend == "gpu":

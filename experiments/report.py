@@ -17,6 +17,7 @@ The README's figures come from (each writes its JSON and plots to `docs/results/
     python -m experiments.search_bench --out docs/results
     python -m experiments.embedding_stats --out docs/results
     python -m experiments.attention_demo --out docs/results
+    python -m experiments.numerics_bench --out docs/results
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ def attention(results: Path) -> str | None:
     parts += [p["benchmarks"]["attention_scaling"]["title"] + "; time per call and XLA's "
               "memory beyond the inputs:", "",
               pivot(rows, "T", lambda r: f"{_time(r)}, {harness.fmt_bytes(r['peak_bytes'])}")]
+  causal = _rows(p, "attention_causal")
+  if causal:
+    parts += ["", p["benchmarks"]["attention_causal"]["title"] + ", time per call:", "",
+              pivot(causal, "T", _time), "", _bullets(_targets(p, "attention_causal"))]
   tr = p["studies"].get("training")
   if tr:
     acc = ", ".join(f"{name} {v['mean_accuracy']:.3f}" for name, v in tr["variants"].items())
@@ -256,9 +261,20 @@ def attention(results: Path) -> str | None:
   return "\n".join(parts + ["", source_line(p)])
 
 
+def numerics(results: Path) -> str | None:
+  p = load(results, "numerics_bench")
+  if p is None:
+    return None
+  bench = p["benchmarks"]["euclidean_refinement"]
+  rows = [{**r, "size": f"{r['n']} x {r['d']}"} for r in bench["rows"]]
+  return "\n".join([bench["title"] + ", time per call:", "",
+                    pivot(rows, "size", _time, key_label="n x d"), "",
+                    _bullets(_targets(p, "euclidean_refinement")), "", source_line(p)])
+
+
 TABLES: dict[str, Callable[[Path], str | None]] = {
     "scaling": scaling, "small": small, "post_table": post_table, "search": search,
-    "embedding": embedding, "attention": attention}
+    "embedding": embedding, "attention": attention, "numerics": numerics}
 
 
 def render(results: Path) -> dict[str, str]:

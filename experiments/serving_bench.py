@@ -156,9 +156,9 @@ def main(argv=None) -> dict:
   p.add_argument("--compile-rows", type=int, default=20_000,
                  help="rows of the index the compile counts use")
   args = p.parse_args(argv)
+  args.repeats = args.repeats or (3 if args.quick else 7)
   if args.quick:
     args.n, args.dim, args.batches, args.compile_rows = 4096, 32, [1, 16], 2048
-    args.repeats = min(args.repeats, 3)
   import faiss
   import jax.numpy as jnp
 

@@ -11,7 +11,6 @@ import pytest
 
 import jaxsim
 from experiments import accelerator
-from tests import reference
 
 ROW_KEYS = {
     "correctness": {"function", "dtype", "rel_error", "tolerance", "passed"},
@@ -178,34 +177,6 @@ def test_cpu_sizes_reach_fused_paths(mode):
   assert s.check_rows >= 512 and s.allpairs_n >= 512 and s.topk_n > 4096
   assert set(s.check_attention_metrics) == set(s.attention_metrics) == {"dot", "scaled_dot",
                                                                           "cosine"}
-
-
-def test_attention_adapter_routes_the_metric_option():
-  calls = []
-
-  def new_api(query, key, value=None, bias=None, mask=None, *, metric="scaled_dot",
-              implementation=None, block_size=None):
-    calls.append((metric, implementation, block_size))
-
-  def old_api(query, key, value=None, *, kind="scaled_dot", block_size=None):
-    calls.append((kind, block_size))
-
-  accelerator.attention_call(new_api, 1, 2, 3, metric="cosine", implementation="cudnn")
-  accelerator.attention_call(old_api, 1, 2, 3, metric="dot", block_size=8)
-  accelerator.attention_call(old_api, 1, 2, metric="dot", implementation=None)
-  assert calls == [("cosine", "cudnn", None), ("dot", 8), ("dot", None)]
-  with pytest.raises(NotImplementedError, match="implementation"):
-    accelerator.attention_call(old_api, 1, 2, 3, metric="dot", implementation="cudnn")
-
-
-def test_attention_adapter_against_the_installed_jaxsim():
-  rng = np.random.default_rng(0)
-  q, k, v = (rng.standard_normal((1, 24, 2, 8)).astype(np.float32) for _ in range(3))
-  got = accelerator.attention_call(jaxsim.attention, q, k, v, metric="cosine", block_size=8)
-  want = reference.attention(q, k, v, kind="cosine")
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  params = inspect.signature(jaxsim.attention).parameters
-  assert "metric" in params or "kind" in params
 
 
 def test_rel_error_is_relative_to_the_reference_scale():

@@ -15,6 +15,7 @@ from experiments import (
   attention_demo,
   embedding_stats,
   harness,
+  numerics_bench,
   report,
   scaling,
   search_bench,
@@ -223,7 +224,7 @@ def test_embedding_stats_check_catches_wrong_statistics(monkeypatch):
 def test_attention_demo(results):
   # Training compiles four models: it is run on its own below, for one of them.
   p = _run(attention_demo, results, *TINY, "--grid", "T=40", "--only",
-           "toy,heatmaps,attention_scaling", "--no-plot")
+           "toy,heatmaps,attention_scaling,attention_causal", "--no-plot")
   assert p["checks_passed"]
   assert set(p["studies"]) == {"toy", "heatmaps"}
   toy = p["studies"]["toy"]
@@ -234,6 +235,15 @@ def test_attention_demo(results):
   assert all(r["error"] <= 1e-4 for r in rows.values())
   assert set(p["benchmarks"]["attention_scaling"]["analysis"]["grad_temp_bytes"]["40"]) == {
       "dense", "blocked"}
+  # Causal and unmasked, forward and gradient, each checked against jax.nn's.
+  assert set(_ok(p, "attention_causal")) == {"unmasked", "causal", "unmasked grad",
+                                             "causal grad"}
+
+
+def test_numerics_bench(tmp_path):
+  p = _run(numerics_bench, tmp_path, *TINY, "--grid", "n=300", "--no-plot")
+  assert p["checks_passed"]
+  assert set(_ok(p, "euclidean_refinement")) == {"expansion", "refined", "refined, 1% close"}
 
 
 def test_attention_training_runs_optax_and_learns_the_scale():

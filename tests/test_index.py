@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import Mesh
 
 import jaxsim
-from jaxsim._src import buckets, index as index_mod
+from jaxsim._src import buckets
+from jaxsim._src import index as index_mod
 from tests import reference
 
 METRICS = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")

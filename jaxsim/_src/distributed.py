@@ -417,6 +417,8 @@ def pairs_above(x, y=None, *, threshold, max_pairs, mesh: Mesh | None = None, **
   rows = x if isinstance(x, ShardedRows) else y
   mesh = _mesh_for(rows, mesh)
   _check_inputs({"x": x, "y": y}, {"threshold": threshold, "max_pairs": max_pairs, **options})
+  # Checked here, where it is concrete: inside `_pairs` it is a tracer.
+  validation.check_scalar(threshold, "threshold")
   (xd, xc), (yd, yc) = _unpack(x), _unpack(y)
   found = _pairs(xd, yd, threshold, xc=xc, yc=yc, max_pairs=max_pairs, mesh=mesh,
                  options=_options(options))
@@ -440,6 +442,7 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
   mesh = _mesh_for(rows, mesh)
   _check_inputs({"x": x, "y": y}, options)
   (xd, xc), (yd, yc) = _unpack(x), _unpack(y)
+  from jaxsim._src import stats  # stats imports this module
 
   # `similarity_stats` takes the histogram range as a runtime value; it is passed in as
   # one here too: ends that are constants of this program would be folded into edges
@@ -448,7 +451,10 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
   if ends is None and options.get("metric", "cosine") == "cosine":
     ends = (-1.0, 1.0)
   if ends is not None:
-    ends = np.asarray(ends, kernels.accum_dtype(xd.dtype))  # a tuple of tracers is not array-like
+    # Checked here, where it is concrete: inside `_stats` the ends are tracers.
+    acc = kernels.accum_dtype(xd.dtype)
+    stats.check_range(ends, options.get("bins", 100), acc)
+    ends = np.asarray(ends, acc)  # one (2,) array: a tuple of tracers is not array-like
   return _stats(xd, yd, ends, xc=xc, yc=yc, mesh=mesh, options=_options(options))
 
 

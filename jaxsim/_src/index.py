@@ -35,12 +35,22 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, buckets, distributed, kernels, search, sharding, validation
+from jaxsim._src import (
+  blockscan,
+  buckets,
+  defaults,
+  distributed,
+  kernels,
+  search,
+  sharding,
+  validation,
+)
 
 FORMAT = "jaxsim.Index"
 FORMAT_VERSION = 1
 # Elements per page at most: 2**22 (16 MiB of float32). A page is one corpus block of
-# the streamed top-k (4096 rows below d = 1024): pages past the last row are skipped
+# the streamed top-k (`defaults.corpus_block()` rows, fewer for wide rows): pages past
+# the last row are skipped
 # whole, so padding costs less than a page of work, and host pages stream in modest
 # transfers.
 PAGE_ELEMENTS = 1 << 22
@@ -51,11 +61,11 @@ _SHIFT_CHUNK = 1 << 16
 
 
 def default_page_rows(d: int, mesh: Mesh | None = None) -> int:
-  """Rows per page: 4096 (one corpus block of `jaxsim.topk`), fewer for wide rows so a
-  page stays near `PAGE_ELEMENTS`, at least 1024; a multiple of `32 * devices` so each
-  device's share keeps the top-k group prefilter."""
+  """Rows per page: one corpus block of `jaxsim.topk` (`defaults.corpus_block()`, 4096 on
+  CPU), fewer for wide rows so a page stays near `PAGE_ELEMENTS`, at least 1024; a
+  multiple of `32 * devices` so each device's share keeps the top-k group prefilter."""
   rows = 1024
-  while rows < 4096 and rows * 2 * max(d, 1) <= PAGE_ELEMENTS:
+  while rows < defaults.corpus_block() and rows * 2 * max(d, 1) <= PAGE_ELEMENTS:
     rows *= 2
   unit = search.GROUP * sharding.num_shards(mesh)
   return -(-rows // unit) * unit
@@ -127,12 +137,6 @@ def _constrain(x, mesh):
   return lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
 
 
-def _merge(best, best_ids, key, ids, k):
-  """Running top-k merge; `best` holds lower ids than `key`, so position ties are id ties."""
-  merged, pos = lax.top_k(jnp.concatenate([best, key], axis=1), k)
-  return merged, jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=1), pos, axis=1)
-
-
 def _page_topk(qp, page, shift, prepare_block, valid, first, *, k, metric, mesh, precision):
   """Keys (larger is better) and global ids of the top-k of one page's first `valid` rows."""
   s, ids = search.topk_prepared(qp, page, shift, prepare_block, valid, k=k, metric=metric,
@@ -174,7 +178,7 @@ def _search_storage(rows, aux, shift, count, queries, *, k, metric, page, mesh, 
                                storage)
         key, ids = _page_topk(qp, page_at, shift, _identity, count - start, start, k=k,
                               metric=metric, mesh=None, precision=precision)
-        return _merge(*carry, key, ids, k)
+        return search.merge_topk(*carry, key, ids, k)
 
       # Pages past the last row are skipped, so capacity padding costs no time.
       return lax.cond(start < count, run, lambda carry: carry, carry)
@@ -196,7 +200,7 @@ def _search_host_page(best, best_ids, queries, shift, rows, aux, first, valid, *
   key, ids = _page_topk(qp, kernels.Prepared(rows, aux), shift, _identity, valid, first,
                         k=k,
                         metric=metric, mesh=None, precision=precision)
-  best, best_ids = _merge(best, best_ids, key, ids, k)
+  best, best_ids = search.merge_topk(best, best_ids, key, ids, k)
   return best, best_ids, (-best if euclid else best).astype(queries.dtype)
 
 
@@ -216,9 +220,11 @@ class Index:
 
   For `"sq_euclidean"` and `"euclidean"` the centring shift (the mean row, rounded to
   8 significant bits) is fixed by the rows the index is built with and kept when rows
-  are added. Distances do not depend on the shift in exact arithmetic; in float32 the
-  scores match `jaxsim.topk` (which centres on the mean of all rows) to rounding, and
-  exactly while no rows have been added.
+  are added, and only the centred rows are stored. The candidates are recomputed
+  directly as `sum((q - r)^2)` from the centred rows, where `jaxsim.topk` uses the raw
+  rows: the two agree to float32 rounding of the centring, a row equal to a query is
+  at distance exactly 0 in both, and near-ties closer than that rounding (about
+  1e-7 of the rows' distance from the shift) may order differently.
 
   The index is a pytree (storage, aux values, shift and count are its leaves), so it
   can be passed into `jax.jit`-compiled code; inside a trace, `search` runs at the
@@ -263,6 +269,7 @@ class Index:
       raise ValueError(f"`store` must be one of {STORES}, got {store!r}.")
     if store == "host" and mesh is not None:
       raise ValueError("`store='host'` streams pages to one device; it takes no `mesh`.")
+    page_rows = validation.check_positive_int(page_rows, "page_rows", allow_none=True)
     if isinstance(rows, distributed.ShardedRows) or distributed.spans_processes(mesh):
       if store != "device":
         raise ValueError("An Index over rows spread over processes takes store='device'.")
@@ -274,7 +281,6 @@ class Index:
     validation.check_rank(rows, "rows", min_rank=2, max_rank=2)
     d = rows.shape[1]
     unit = search.GROUP * sharding.num_shards(mesh)
-    page_rows = validation.check_positive_int(page_rows, "page_rows", allow_none=True)
     if page_rows is None:
       page_rows = default_page_rows(d, mesh)
     elif page_rows % unit:
@@ -304,12 +310,8 @@ class Index:
     return _host_shift(parts, self._dtype)
 
   def _empty_storage(self, capacity):
-    rows = np.zeros((capacity, self._dim), self._dtype)
-    aux = np.zeros((capacity,), kernels.accum_dtype(self._dtype))
-    if self._mesh is None:
-      return jax.device_put(rows), jax.device_put(aux)
-    spec = NamedSharding(self._mesh, PartitionSpec(self._mesh.axis_names))
-    return jax.device_put(rows, spec), jax.device_put(aux, spec)
+    return self._put_storage(np.zeros((capacity, self._dim), self._dtype),
+                             np.zeros((capacity,), kernels.accum_dtype(self._dtype)))
 
   @classmethod
   def _from_parts(cls, metric, mesh, store, page, precision, dtype, dim, shift, count, rows,
@@ -461,8 +463,9 @@ class Index:
 
     The query count is padded up to a power of two and `k` up to the `k` ladder
     (`jaxsim._src.buckets`), and the padding masked, so any batch size from 1 to 2048
-    runs one of 12 compiled programs per index capacity and `k` step. Pass numpy queries to pad them on the host (a JAX
-    array of a new shape costs one small padding program).
+    runs one of 12 compiled programs per index capacity and `k` step. Pass numpy
+    queries to pad them on the host (a JAX array of a new shape costs one small
+    padding program).
 
     Args:
       queries: `(q, d)` rows of the index's dtype and feature dim.

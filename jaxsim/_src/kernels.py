@@ -321,7 +321,7 @@ def _pairwise(x, y, eps, scale, *, metric, precision):
   return jnp.squeeze(s, axis=drop) if drop else s
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_memory(device) -> int | None:
   """Bytes of memory of `device` (the host's RAM for a CPU), or None if unknown."""
   try:

@@ -24,8 +24,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxsim._src import (blockscan, defaults, distributed, kernels, refine, sharding, stats,
-                         validation)
+from jaxsim._src import (
+  blockscan,
+  defaults,
+  distributed,
+  kernels,
+  refine,
+  sharding,
+  stats,
+  validation,
+)
 
 # The prefilter's group size: each tile's top-k is taken among the k best groups of
 # `GROUP` consecutive corpus rows (ranked by their maximum), which is exact (every
@@ -73,7 +81,17 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
   else:
     cand = key
     ids = jnp.broadcast_to(first + jnp.arange(b, dtype=jnp.int32), key.shape)
-  merged, pos = lax.top_k(jnp.concatenate([best, cand], axis=1), k)
+  return merge_topk(best, best_ids, cand, ids, k)
+
+
+def merge_topk(best: jax.Array, best_ids: jax.Array, key: jax.Array, ids: jax.Array,
+               k: int) -> tuple[jax.Array, jax.Array]:
+  """The `k` largest of `best` and `key` (`(c, .)` keys with their ids), best first.
+
+  `best` must hold lower ids than `key`: `top_k` breaks ties by position, so position
+  ties are then ties to the lower id.
+  """
+  merged, pos = lax.top_k(jnp.concatenate([best, key], axis=1), k)
   return merged, jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=1), pos, axis=1)
 
 
@@ -121,7 +139,7 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices,
       each computes its local top-k and the results are merged, ties again to the
       lower index (the same indices as the single-device call). See
-      `jaxsim._src.sharding` for multi-host use.
+      `jaxsim.shard_rows` for rows spread over processes.
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
@@ -155,7 +173,10 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
                             query_block_size=query_block_size, exclude_self=exclude_self,
                             approx=approx, recall_target=recall_target, precision=precision)
   kernels.check_metric(metric)
-  mesh = distributed.prepare_call(mesh, corpus, queries=queries, k=k)
+  mesh = distributed.prepare_call(mesh, corpus, queries=queries, k=k, metric=metric,
+                                  block_size=block_size, query_block_size=query_block_size,
+                                  exclude_self=exclude_self, approx=approx,
+                                  recall_target=recall_target)
   queries, corpus = validation.matrices(queries, corpus, x_name="queries", y_name="corpus")
   k = validation.check_positive_int(k, "k")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
@@ -507,7 +528,8 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   kernels.check_metric(metric)
   mesh = distributed.prepare_call(mesh, x if y is None else y, name="x" if y is None else "y",
                                   **({} if y is None else {"x": x}), threshold=threshold,
-                                  max_pairs=max_pairs)
+                                  max_pairs=max_pairs, metric=metric, block_size=block_size,
+                                  query_block_size=query_block_size)
   x, y = validation.matrices(x, y)
   threshold = validation.check_scalar(threshold, "threshold")
   max_pairs = validation.check_positive_int(max_pairs, "max_pairs", maximum=_INT32_MAX)

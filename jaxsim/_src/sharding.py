@@ -9,12 +9,11 @@ top-k's, a sum of counts, a sorted merge of pair lists). Shards are in device or
 so shard `i` holds lower corpus indices than shard `i + 1`; merges that break ties by
 position therefore break them by lower index, as the single-device scan does.
 
-Multi-host use follows the usual JAX recipe (not tested here on more than one host):
-call `jax.distributed.initialize()` in every process, build the mesh over all global
-devices, e.g. `Mesh(np.array(jax.devices()), ("corpus",))`, and pass global arrays
-(for example made with `jax.make_array_from_process_local_data`). Each host then
-scans only the shards of its own devices, and the merge runs on the gathered partial
-results.
+Across processes (`jax.distributed.initialize()` on every host), each process passes
+its own rows through `jaxsim.shard_rows` (`jaxsim._src.distributed`), which lays them
+out as these contiguous shards, any count per process; the same code then runs on
+every process and the results come back replicated. Tested with real processes on
+one host (`tests/test_distributed.py`, `python -m experiments.distributed`).
 """
 
 from __future__ import annotations

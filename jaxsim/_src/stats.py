@@ -218,9 +218,10 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
       2**24 on GPU and TPU).
     mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices
-      (see `jaxsim._src.sharding`). `count` is the same exactly; the other fields
-      agree with the single-device call to float32 rounding of the scores and of the
-      merge order (bit for bit when every score is exact, e.g. small integers).
+      (see `jaxsim.shard_rows` for rows spread over processes). `count` is the same
+      exactly; the other fields agree with the single-device call to float32 rounding
+      of the scores and of the merge order (bit for bit when every score is exact,
+      e.g. small integers).
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
@@ -257,7 +258,8 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
   kernels.check_metric(metric)
   mesh = distributed.prepare_call(mesh, x if y is None else y, name="x" if y is None else "y",
                                   **({} if y is None else {"x": x}), metric=metric, bins=bins,
-                                  range=range)
+                                  range=range, exclude_diagonal=exclude_diagonal,
+                                  block_size=block_size, query_block_size=query_block_size)
   x, y = validation.matrices(x, y)
   bins = validation.check_positive_int(bins, "bins")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
