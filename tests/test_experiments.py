@@ -240,8 +240,8 @@ def test_attention_demo(results):
                                              "causal grad"}
 
 
-def test_numerics_bench(tmp_path):
-  p = _run(numerics_bench, tmp_path, *TINY, "--grid", "n=300", "--no-plot")
+def test_numerics_bench(results):
+  p = _run(numerics_bench, results, *TINY, "--grid", "n=300", "--no-plot")
   assert p["checks_passed"]
   assert set(_ok(p, "euclidean_refinement")) == {"expansion", "refined", "refined, 1% close"}
 

@@ -240,7 +240,7 @@ _matrices = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_
                        elements=_finite)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(x=_matrices)
 def test_cosine_properties(x):
   s = np.asarray(jaxsim.cosine(x))
@@ -254,7 +254,7 @@ def test_cosine_properties(x):
   np.testing.assert_allclose(scaled, s, atol=1e-5)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(x=_matrices)
 def test_distance_properties(x):
   sq, d = np.asarray(jaxsim.sq_euclidean(x)), np.asarray(jaxsim.euclidean(x))
