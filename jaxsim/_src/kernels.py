@@ -62,6 +62,12 @@ def accum_dtype(dtype) -> jnp.dtype:
   The one place that widens a dtype; it does so explicitly, so that it holds under
   `jax_numpy_dtype_promotion="strict"`, which forbids implicit float16 -> float32.
   """
+  return _widen(jnp.dtype(dtype))
+
+
+@functools.cache
+def _widen(dtype: jnp.dtype) -> jnp.dtype:
+  # Cached: entering the promotion context costs microseconds on every eager call.
   with jax.numpy_dtype_promotion("standard"):
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -338,10 +344,16 @@ def device_memory(device) -> int | None:
   return None
 
 
+# Scores of an unbatched call below which no device is too small to hold the result.
+_ALWAYS_FITS = 1 << 20
+
+
 def check_dense_fits(x, y, name: str) -> None:
   """Raises before a dense score matrix that cannot fit in memory is attempted."""
   rows = lambda a: a.shape[-2] if a.ndim > 1 else 1
   n, m = rows(x), rows(x if y is None else y)
+  if n * m <= _ALWAYS_FITS and x.ndim <= 2 and (y is None or y.ndim <= 2):
+    return  # The common small call skips the shape and device queries.
   batch = np.broadcast_shapes(x.shape[:-2], () if y is None else y.shape[:-2])
   # The float32 scores plus the result in the input dtype.
   need = int(np.prod(batch, dtype=np.int64)) * n * m * (
