@@ -20,6 +20,7 @@ This module imports no JAX at the top: a child process must set `XLA_FLAGS` firs
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import pickle
@@ -154,6 +155,22 @@ def corpus(counts: list[int], d: int, q: int, seed: int):
   return rows, queries
 
 
+def _timed(timings: dict, repeats: int, name: str, fn):
+  """`fn()` as numpy, after recording its best time of `repeats` calls (the first call,
+  which compiles, is not timed) in `timings[name]`."""
+  import jax  # imported in the workers only, after their device count is set
+  import numpy as np
+
+  result = jax.block_until_ready(fn())
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t0)
+  timings[name] = best
+  return jax.tree.map(np.asarray, result)
+
+
 def uneven_worker(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
                   threshold: float = 0.6, max_pairs: int = 4096, seed: int = 0,
                   metrics: tuple[str, ...] = ("cosine", "sq_euclidean"),
@@ -172,15 +189,7 @@ def uneven_worker(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
   mesh = Mesh(np.array(jax.devices()), ("rows",))
   out: dict[str, Any] = {"process": me, "devices": jax.device_count(), "timings": {}}
 
-  def timed(name, fn):
-    result = jax.block_until_ready(fn())  # first call: compile and run
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      result = jax.block_until_ready(fn())
-      best = min(best, time.perf_counter() - t0)
-    out["timings"][name] = best
-    return jax.tree.map(np.asarray, result)
+  timed = functools.partial(_timed, out["timings"], repeats)
 
   srows = jax.block_until_ready(jaxsim.shard_rows(local, mesh))
   t0 = time.perf_counter()
@@ -253,15 +262,7 @@ def reference(counts: list[int], d: int = 32, q: int = 16, k: int = 10,
   mesh = Mesh(np.array(jax.devices()[:devices]), ("rows",))
   out: dict[str, Any] = {"timings": {}, "count": rows.shape[0]}
 
-  def timed(name, fn):
-    result = jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      result = jax.block_until_ready(fn())
-      best = min(best, time.perf_counter() - t0)
-    out["timings"][name] = best
-    return jax.tree.map(np.asarray, result)
+  timed = functools.partial(_timed, out["timings"], repeats)
 
   for metric in metrics:
     out[f"topk/{metric}"] = timed(f"topk/{metric}",

@@ -1,6 +1,5 @@
 """jaxsim.Index: equal to topk and to brute force, both stores, growth, buckets, jit, files."""
 
-import contextlib
 import doctest
 import os
 import zipfile
@@ -12,6 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 import jaxsim
+from experiments.serving_bench import count_compiles
 from jaxsim._src import buckets
 from jaxsim._src import index as index_mod
 from tests import reference
@@ -43,22 +43,6 @@ def _build(rows, metric, store, page_rows, split, **kwargs):
   idx.add(rows[split:middle])
   idx.add(rows[middle:])
   return idx
-
-
-@contextlib.contextmanager
-def _count_compiles():
-  """Counts XLA backend compiles (every program, however small) inside the block."""
-  events = []
-
-  def listener(name, *args, **kwargs):
-    if name == "/jax/core/compile/backend_compile_duration":
-      events.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # --- search equals topk and brute force -------------------------------------------------------
@@ -179,7 +163,7 @@ def test_batch_sizes_share_programs():
   rng = np.random.default_rng(0)
   for q in (17, 32):  # the bucket of 32 compiled once
     idx.search(rng.standard_normal((q, 16)).astype(np.float32), 5)
-  with _count_compiles() as compiles:
+  with count_compiles() as compiles:
     for q in (18, 25, 31, 32, 20):
       scores, ids = idx.search(rng.standard_normal((q, 16)).astype(np.float32), 5)
       assert ids.shape == (q, 5)
@@ -192,7 +176,7 @@ def test_adds_within_capacity_share_programs():
   idx = jaxsim.Index(corpus[:1100], page_rows=512)  # capacity 2048 rows (4 pages)
   idx.add(corpus[1100:1200])
   idx.search(queries, 4)
-  with _count_compiles() as compiles:
+  with count_compiles() as compiles:
     for end in (1250, 1390, 1536, 2048):
       idx.add(corpus[len(idx):end])
       idx.search(queries, 4)
@@ -270,7 +254,7 @@ def test_index_is_a_pytree_in_jit():
   np.testing.assert_allclose(scores, want[0], rtol=1e-6)
   # The count is a leaf: a grown index of the same capacity reuses the program.
   idx.add(corpus[900:1024])
-  with _count_compiles() as compiles:
+  with count_compiles() as compiles:
     scores, ids = memory_search(idx, queries)
   assert compiles == []
   np.testing.assert_array_equal(ids, _ref_topk(queries, corpus[:1024], 5, "euclidean")[1])
