@@ -13,13 +13,3 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-
-def pytest_collection_modifyitems(config, items):
-  # Under `pytest -n 2 --dist loadgroup` (`make test`) tests are spread one by one over
-  # both cores, except the experiment tests: the report test reads the JSON the others
-  # wrote into one module-scoped folder, so they share a worker.
-  import pytest
-
-  for item in items:
-    if item.module.__name__.endswith("test_experiments"):
-      item.add_marker(pytest.mark.xdist_group("experiments"))
