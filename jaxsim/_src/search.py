@@ -518,8 +518,8 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     >>> import jax.numpy as jnp, jaxsim
     >>> x = jnp.array([[1., 0.], [0., 1.], [1., 0.01]])
     >>> p = jaxsim.pairs_above(x, threshold=0.99, max_pairs=4)
-    >>> p.rows, p.cols, int(p.count)
-    (Array([ 0, -1, -1, -1], dtype=int32), Array([ 2, -1, -1, -1], dtype=int32), 1)
+    >>> p.rows, p.cols, int(p.count)  # 3 rows hold 3 pairs: the buffers are clamped to 3
+    (Array([ 0, -1, -1], dtype=int32), Array([ 2, -1, -1], dtype=int32), 1)
   """
   if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
     return distributed.pairs_above(x, y, threshold=threshold, max_pairs=max_pairs, mesh=mesh,
