@@ -12,8 +12,8 @@ from jaxsim._src.kernels import euclidean as euclidean
 from jaxsim._src.kernels import pairwise as pairwise
 from jaxsim._src.kernels import scaled_dot as scaled_dot
 from jaxsim._src.kernels import sq_euclidean as sq_euclidean
-from jaxsim._src.search import Pairs as Pairs
-from jaxsim._src.search import pairs_above as pairs_above
+from jaxsim._src.pairs import Pairs as Pairs
+from jaxsim._src.pairs import pairs_above as pairs_above
 from jaxsim._src.search import topk as topk
 from jaxsim._src.semantic import community_detection as community_detection
 from jaxsim._src.semantic import paraphrase_mining as paraphrase_mining

@@ -430,8 +430,8 @@ def pairs_above(x, y=None, *, threshold, max_pairs, mesh: Mesh | None = None, **
 
 @functools.partial(jax.jit, static_argnames=("xc", "yc", "max_pairs", "mesh", "options"))
 def _pairs(x, y, threshold, *, xc, yc, max_pairs, mesh, options):
-  from jaxsim._src import search  # search imports this module
-  return _replicated(mesh, search.pairs_above(
+  from jaxsim._src import pairs  # pairs imports this module
+  return _replicated(mesh, pairs.pairs_above(
       _side(x, xc), None if y is None else _side(y, yc), threshold=threshold,
       max_pairs=max_pairs, mesh=mesh, **dict(options)))
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import buckets, search, validation
+from jaxsim._src import buckets, pairs, search, validation
 from jaxsim._src.index import _to_host
 
 # sentence-transformers' score functions by name, and jaxsim's metric names.
@@ -242,4 +242,4 @@ def _quiet_pairs(x, threshold, capacity):
   with warnings.catch_warnings():
     # An overflow is expected on the first guess and handled by the caller.
     warnings.simplefilter("ignore", RuntimeWarning)
-    return search.pairs_above(x, threshold=threshold, max_pairs=capacity, metric="cosine")
+    return pairs.pairs_above(x, threshold=threshold, max_pairs=capacity, metric="cosine")
