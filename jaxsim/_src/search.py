@@ -3,7 +3,8 @@
 A client of `blockscan`: the corpus is walked in blocks by `block_scan`, the queries
 in blocks by `block_map`, and each (query block, corpus block) tile of scores is
 merged into each query's running top-k as soon as it is computed, so the full
-`q x n` matrix is never built. With `mesh=` the corpus is also split across devices by `sharding.map_shards` and the per-device results merged.
+`q x n` matrix is never built. With `mesh=` the corpus is also split across devices
+by `sharding.map_shards` and the per-device results merged.
 
 Scores come from `kernels.prepare` and `kernels.score`, the same numbers the dense
 `jaxsim.pairwise` computes. The queries are prepared once up front; each corpus block
