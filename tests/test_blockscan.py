@@ -93,3 +93,33 @@ def test_block_scan_in_place_tail_gradient_matches_unblocked():
 
   np.testing.assert_allclose(jax.grad(blocked)(x), jax.grad(lambda a: jnp.sum(jnp.sin(a) ** 2))(x),
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 3, 4, 7, 10, 64])
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_triangle_scan_visits_each_unordered_pair_once_in_row_major_order(block_size, count):
+  # Rows carry their index; each tile adds the pairs (r, c), r <= c, that it covers.
+  # Summed over the shards, every pair of the upper triangle is counted exactly once,
+  # and every row block meets column blocks in ascending order.
+  m = 10
+  x = jnp.arange(m, dtype=jnp.int32)
+
+  def step(carry, rows, cols, r_start, c_start, r_valid, c_valid):
+    seen, last, ordered = carry
+    pair = (r_valid[:, None] & c_valid[None, :] & (rows[:, None] <= cols[None, :])
+            & (r_start <= c_start))
+    seen = seen.at[rows[:, None], cols[None, :]].add(pair.astype(jnp.int32))
+    # Arrival order: the column side of a row block must not go backwards.
+    live = jnp.any(r_valid)
+    ordered &= ~live | ((last[rows[0]] <= c_start) & (last[cols[0]] <= r_start))
+    last = jnp.where(live, last.at[rows].max(c_start).at[cols].max(r_start), last)
+    return seen, last, ordered
+
+  init = (jnp.zeros((m, m), jnp.int32), jnp.full((m,), -1, jnp.int32), jnp.bool_(True))
+  total = jnp.zeros((m, m), jnp.int32)
+  for index in range(count):
+    seen, _, ordered = blockscan.triangle_scan(step, init, x, block_size=block_size,
+                                               shard=(index, count))
+    assert bool(ordered)
+    total = total + seen
+  np.testing.assert_array_equal(total, np.triu(np.ones((m, m), np.int32)))

@@ -41,3 +41,15 @@ def test_check_mesh():
   assert sharding.check_mesh(None) is None
   with pytest.raises(TypeError, match=r"`mesh` must be a jax.sharding.Mesh"):
     sharding.check_mesh("devices")
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (8,), (2, 4)])
+def test_map_devices_runs_once_per_device_in_order(mesh_shape):
+  mesh = None if mesh_shape is None else Mesh(
+      np.array(jax.devices()).reshape(mesh_shape), ("a", "b")[:len(mesh_shape)])
+  index, count, total = sharding.map_devices(
+      lambda i, c, v: (i, jnp.int32(c), jnp.sum(v)), jnp.arange(4.0), mesh=mesh)
+  size = sharding.num_shards(mesh)
+  np.testing.assert_array_equal(index, np.arange(size))
+  np.testing.assert_array_equal(count, np.full(size, size))
+  np.testing.assert_allclose(total, np.full(size, 6.0))

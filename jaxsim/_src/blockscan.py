@@ -4,7 +4,9 @@
 state; top-k search, threshold pairs, all-pairs statistics and blocked attention are
 each just a `step` function (how one block updates the state). `block_map` splits the
 other side (queries) into blocks with `lax.map`, so that temporaries stay
-O(query_block x corpus_block) however many rows either side has.
+O(query_block x corpus_block) however many rows either side has. `triangle_scan` walks
+the tiles `(i, j)`, `i <= j`, of a set compared with itself: every score of a
+symmetric similarity is computed once.
 
 Blocks are made by padding the row axis up to a multiple of the block size; `step`
 receives a `valid` mask so padding never reaches a result.
@@ -17,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -102,6 +105,65 @@ def _scan_in_place(step, init, xs, block_size, nb, m, axis, remat):
     return body_step(carry, block, first, first + offsets >= start), None
 
   carry, _ = jax.lax.scan(body, init, jnp.arange(nb, dtype=jnp.int32) * block_size)
+  return carry
+
+
+def triangle_scan(step: Callable[..., PyTree], init: PyTree, xs: PyTree, *,
+                  block_size: int | None, shard: tuple[Any, int] = (0, 1),
+                  remat: bool = True) -> PyTree:
+  """Folds `step` over the upper-triangle tiles of `xs` against itself.
+
+  The rows are cut into `nb` blocks as `block_scan(..., pad_tail=False)` cuts them (the
+  last block shifted back to end at row `m`, its rows already covered marked not
+  valid), and `step` runs once for each pair of blocks `(i, j)` with `i <= j`, in
+  row-major order: `i` ascending, then `j` ascending. Every row block therefore meets
+  the column blocks in ascending order, first as the column side of the tiles
+  `(i, r)`, `i < r`, then as the row side of `(r, j)`, `j >= r`, so running merges
+  that break ties by arrival order break them by lower index.
+
+  Args:
+    step: `step(carry, rows, cols, row_start, col_start, row_valid, col_valid) ->
+      carry`, with `rows` and `cols` blocks of `xs` (the same block on the diagonal,
+      where `row_start == col_start`), their int32 first-row indices and `(b,)` bool
+      masks.
+    init: the initial carry.
+    xs: pytree of arrays sharing the row count `m` of axis 0.
+    block_size: rows per block; `None` or `>= m`: one diagonal tile of all rows.
+    shard: `(index, count)`: walk only the `index`-th of `count` equal, contiguous runs
+      of the row-major tile list (`index` may be traced, e.g. a device's
+      `lax.axis_index`). Runs are padded to equal length with tiles whose masks are
+      all False, which `step` must treat as empty.
+    remat: recompute each tile in the backward pass instead of storing it.
+
+  Returns:
+    The final carry.
+  """
+  m = _axis_size(xs, 0)
+  b = m if block_size is None or block_size >= m else block_size
+  nb = num_blocks(m, b)
+  index, count = shard
+  rows, cols = np.triu_indices(nb)
+  per = -(-rows.size // count)
+  live = np.arange(per * count) < rows.size
+  tiles = np.stack([np.resize(rows, per * count), np.resize(cols, per * count), live], axis=1)
+  mine = jax.lax.dynamic_index_in_dim(jnp.asarray(tiles.reshape(count, per, 3), jnp.int32),
+                                      index, keepdims=False)
+  offsets = jnp.arange(b, dtype=jnp.int32)
+  body_step = jax.checkpoint(step) if remat else step
+
+  def block(k, ok):
+    start = k * b
+    first = jnp.minimum(start, m - b)
+    cut = jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, first, b), xs)
+    return cut, first, ok & (first + offsets >= start)
+
+  def body(carry, tile):
+    ok = tile[2] > 0
+    r, r_start, r_valid = block(tile[0], ok)
+    c, c_start, c_valid = block(tile[1], ok)
+    return body_step(carry, r, c, r_start, c_start, r_valid, c_valid), None
+
+  carry, _ = jax.lax.scan(body, init, mine)
   return carry
 
 

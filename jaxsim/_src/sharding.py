@@ -81,3 +81,23 @@ def map_shards(fn: Callable[..., PyTree], rows: PyTree, *args: PyTree,
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axes),) + (PartitionSpec(),)
                           * len(args), out_specs=PartitionSpec(axes), check_vma=False)
   return sharded(rows, *args)
+
+
+def map_devices(fn: Callable[..., PyTree], *args: PyTree, mesh: Mesh | None) -> PyTree:
+  """Runs `fn(index, count, *args)` once per device of `mesh`, stacking the results.
+
+  The split of the work is `fn`'s (e.g. `blockscan.triangle_scan(..., shard=(index,
+  count))`); `args` are passed whole (replicated) to every device. `mesh=None` runs
+  `fn(0, 1, *args)`. Returns `fn`'s pytree with a leading axis of size
+  `num_shards(mesh)`, in device order.
+  """
+  if mesh is None:
+    return jax.tree.map(lambda leaf: leaf[None], fn(jnp.int32(0), 1, *args))
+  axes = tuple(mesh.axis_names)
+
+  def local(*replicated):
+    index = jax.lax.axis_index(axes).astype(jnp.int32)
+    return jax.tree.map(lambda leaf: leaf[None], fn(index, mesh.size, *replicated))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(),) * len(args),
+                       out_specs=PartitionSpec(axes), check_vma=False)(*args)
