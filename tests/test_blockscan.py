@@ -95,8 +95,8 @@ def test_block_scan_in_place_tail_gradient_matches_unblocked():
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("block_size", [None, 1, 3, 4, 7, 10, 64])
-@pytest.mark.parametrize("count", [1, 3, 8])
+@pytest.mark.parametrize("block_size,count", [(None, 1), (None, 3), (1, 8), (3, 1), (3, 8),
+                                              (4, 3), (7, 1), (7, 2)])
 def test_triangle_scan_visits_each_unordered_pair_once_in_row_major_order(block_size, count):
   # Rows carry their index; each tile adds the pairs (r, c), r <= c, that it covers.
   # Summed over the shards, every pair of the upper triangle is counted exactly once,

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 import jaxsim
 from experiments import distributed as launcher
+from jaxsim._src import distributed
 from tests import reference
 
 
@@ -141,3 +142,15 @@ def test_docstring_examples():
 
   result = doctest.testmod(distributed, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_torch_inputs_to_the_host_side_paths():
+  # bf16 tensors that require grad: fingerprinted (the multi-process check of replicated
+  # inputs) and sharded like the float32 numpy rows holding the same values.
+  torch = pytest.importorskip("torch")
+  rows = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+  t = torch.tensor(rows, requires_grad=True).to(torch.bfloat16)
+  same = t.detach().float().numpy()
+  assert distributed.fingerprint(t) == distributed.fingerprint(same)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
+  np.testing.assert_array_equal(jaxsim.shard_rows(t, mesh).gather(), same)

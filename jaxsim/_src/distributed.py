@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import warnings
 from typing import Any
 
@@ -140,9 +141,9 @@ def fingerprint(value: Any) -> int:
   """A 64-bit hash of a host value: an array's dtype, shape and bytes, or its repr."""
   if _is_global(value) or isinstance(value, jax.core.Tracer):
     return 0  # one array for all processes (or a traced value): nothing to compare
-  if isinstance(value, (jax.Array, np.ndarray)) or type(value).__module__.startswith("torch"):
-    if type(value).__module__.startswith("torch"):
-      value = value.detach().cpu().numpy()
+  if isinstance(value, (jax.Array, np.ndarray)) or validation.is_torch(value):
+    if validation.is_torch(value):
+      value = validation.torch_to_numpy(value)
     arr = np.ascontiguousarray(np.asarray(value))
     head = f"{arr.dtype.str}{arr.shape}".encode()
     digest = hashlib.blake2b(head + arr.tobytes(), digest_size=8).digest()
@@ -243,11 +244,8 @@ class ShardedRows:
 
 
 def _local_host(value: Any, name: str) -> np.ndarray:
-  if type(value).__module__.startswith("torch"):
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    value = value.numpy()
+  if validation.is_torch(value):
+    value = validation.torch_to_numpy(value)
   if _is_global(value):
     raise ValueError(f"`{name}` must be this process's own rows (a host array), got a "
                      f"global array of shape {value.shape} spread over processes.")
@@ -453,7 +451,8 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
   if ends is not None:
     # Checked here, where it is concrete: inside `_stats` the ends are tracers.
     acc = kernels.accum_dtype(xd.dtype)
-    stats.check_range(ends, options.get("bins", 100), acc)
+    default_bins = inspect.signature(stats.similarity_stats).parameters["bins"].default
+    stats.check_range(ends, options.get("bins", default_bins), acc)
     ends = np.asarray(ends, acc)  # one (2,) array: a tuple of tracers is not array-like
   return _stats(xd, yd, ends, xc=xc, yc=yc, mesh=mesh, options=_options(options))
 

@@ -80,11 +80,8 @@ def _to_host(value: Any, name: str) -> np.ndarray | jax.Array:
   if isinstance(value, np.ndarray) and value.dtype.kind == "f" and (
       jax.dtypes.canonicalize_dtype(value.dtype) == value.dtype):
     return value
-  if type(value).__module__.startswith("torch"):
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    value = value.numpy()
+  if validation.is_torch(value):
+    value = validation.torch_to_numpy(value)
   return validation.as_float_array(value, name)
 
 

@@ -25,6 +25,20 @@ def _from_torch(value):
   return value
 
 
+def is_torch(value) -> bool:
+  return type(value).__module__.startswith("torch")
+
+
+def torch_to_numpy(value) -> np.ndarray:
+  """A (CPU or device) torch tensor as a host numpy array, detached; bfloat16, which
+  numpy lacks, as float32. For the host-side paths (an `Index`'s host store, a
+  process's own rows, fingerprints of replicated inputs)."""
+  value = value.detach().cpu()
+  if str(value.dtype) == "torch.bfloat16":
+    value = value.float()
+  return value.numpy()
+
+
 def as_float_array(value: ArrayLike, name: str) -> jax.Array | np.ndarray:
   """Returns `value` as a real floating array of a dtype JAX uses, promoting integers.
 
@@ -37,7 +51,7 @@ def as_float_array(value: ArrayLike, name: str) -> jax.Array | np.ndarray:
   Raises:
     TypeError: if `value` is not array-like, or is complex or non-numeric.
   """
-  if type(value).__module__.startswith("torch"):
+  if is_torch(value):
     value = _from_torch(value)
   if isinstance(value, jax.Array):
     dtype = value.dtype
