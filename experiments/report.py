@@ -261,20 +261,38 @@ def attention(results: Path) -> str | None:
   return "\n".join(parts + ["", source_line(p)])
 
 
-def numerics(results: Path) -> str | None:
-  p = load(results, "numerics_bench")
-  if p is None:
-    return None
-  bench = p["benchmarks"]["euclidean_refinement"]
-  rows = [{**r, "size": f"{r['n']} x {r['d']}"} for r in bench["rows"]]
-  return "\n".join([bench["title"] + ", time per call:", "",
-                    pivot(rows, "size", _time, key_label="n x d"), "",
-                    _bullets(_targets(p, "euclidean_refinement")), "", source_line(p)])
+def benchmarks(experiment: str, *names: str, fmt: Callable[[dict], str] = _time
+               ) -> Callable[[Path], str | None]:
+  """A table maker for any declared benchmark: per benchmark of `experiment`, its title,
+  a table (one line per grid point, one column per candidate, `fmt` of each row) and
+  its targets with the measured ratios."""
+
+  def make(results: Path) -> str | None:
+    p = load(results, experiment)
+    if p is None:
+      return None
+    parts = []
+    for name in names:
+      bench = p["benchmarks"].get(name)
+      if not bench or not bench["rows"]:
+        continue
+      keys = list(dict.fromkeys(k for point in bench["grid"] for k in point))
+      label = " x ".join(keys)
+      rows = [{**r, label: " x ".join(str(r[k]) for k in keys)} for r in bench["rows"]]
+      unit = ", time per call" if fmt is _time else ""
+      parts += [f"{bench['title']}{unit}:", "", pivot(rows, label, fmt), ""]
+      checks = _targets(p, name)
+      if checks:
+        parts += [_bullets(checks), ""]
+    return "\n".join(parts + [source_line(p)]) if parts else None
+
+  return make
 
 
 TABLES: dict[str, Callable[[Path], str | None]] = {
     "scaling": scaling, "small": small, "post_table": post_table, "search": search,
-    "embedding": embedding, "attention": attention, "numerics": numerics}
+    "embedding": embedding, "attention": attention,
+    "numerics": benchmarks("numerics_bench", "euclidean_refinement")}
 
 
 def render(results: Path) -> dict[str, str]:
