@@ -101,8 +101,8 @@ def _stable_merge(best, best_ids, key, first):
   return np.take_along_axis(keys, order, 1), np.take_along_axis(ids, order, 1)
 
 
-@pytest.mark.parametrize("k", [1, 4, 10, 47])
-@pytest.mark.parametrize("most", [0, 1, 2, 3, 5, 8, 9, 48])
+@pytest.mark.parametrize("k", [1, 10, 47])
+@pytest.mark.parametrize("most", [0, 1, 2, 3, 5, 9, 48])
 def test_merge_tile_every_threshold_branch_matches_a_stable_sort(most, k):
   """Each branch of the running-threshold selection (skip, 1 / 2 / 4 / 8 passing
   groups, the `k` best groups), picked by the largest number of groups a row has
