@@ -13,6 +13,7 @@ import pytest
 
 from experiments import (
   attention_demo,
+  bf16_matmul,
   embedding_stats,
   harness,
   numerics_bench,
@@ -171,12 +172,12 @@ def test_search_bench(results):
   assert p["checks_passed"]
   rows = _ok(p, "search")
   assert set(rows) == {search_bench.JAXSIM, search_bench.FAISS, search_bench.TORCH,
-                       search_bench.SKLEARN, search_bench.RAW}
+                       search_bench.SKLEARN, search_bench.RAW, search_bench.TILES}
   assert all(r["error"] <= search_bench.RECALL_TOLERANCE for r in rows.values())
   assert rows[search_bench.JAXSIM]["rate"] == pytest.approx(
       20 / rows[search_bench.JAXSIM]["median_s"])
   assert {t["baseline"] for t in p["benchmarks"]["search"]["targets"]} == {
-      search_bench.FAISS, search_bench.RAW}
+      search_bench.FAISS, search_bench.RAW, search_bench.TILES}
   self_rows = _ok(p, "self_topk")
   assert self_rows[search_bench.JAXSIM]["peak_bytes"] > 0
 
@@ -186,6 +187,17 @@ def test_search_bench_exact_topk_matches_a_float64_sort():
   q, c = rng.standard_normal((9, 6)), rng.standard_normal((50, 6))
   want = np.argsort(-reference.cosine(q, c), axis=1, kind="stable")[:, :4]
   np.testing.assert_array_equal(search_bench.exact_topk(q, c, 4), want)
+
+
+def test_bf16_matmul(results):
+  p = _run(bf16_matmul, results, *TINY, "--grid", "rows=16", "--grid", "cols=64",
+           "--grid", "d=32")
+  assert p["checks_passed"]
+  rows = _ok(p, "bf16_matmul")
+  assert set(rows) == {bf16_matmul.F32, bf16_matmul.BF16, bf16_matmul.ALGO}
+  # float32 is far inside the bound; bfloat16 products are not exact but inside it.
+  assert rows[bf16_matmul.F32]["error"] < 1e-5
+  assert 1e-5 < rows[bf16_matmul.BF16]["error"] <= bf16_matmul.BOUND
 
 
 def test_embedding_stats(results, tmp_path):

@@ -91,6 +91,76 @@ def test_topk_breaks_ties_by_lower_index(block_size):
   np.testing.assert_array_equal(scores, want_s)
 
 
+def _stable_merge(best, best_ids, key, first):
+  """The reference for `_merge_tile`: a stable sort of the current top-k (lower ids,
+  first) followed by the tile's keys, best first."""
+  keys = np.concatenate([best, key], axis=1).astype(np.float64)
+  ids = np.concatenate([best_ids, np.broadcast_to(first + np.arange(key.shape[1]), key.shape)],
+                       axis=1)
+  order = np.argsort(-keys, axis=1, kind="stable")[:, :best.shape[1]]
+  return np.take_along_axis(keys, order, 1), np.take_along_axis(ids, order, 1)
+
+
+@pytest.mark.parametrize("k", [1, 10, 47])
+@pytest.mark.parametrize("most", [0, 1, 2, 3, 5, 9, 48])
+def test_merge_tile_every_threshold_branch_matches_a_stable_sort(most, k):
+  """Each branch of the running-threshold selection (skip, 1 / 2 / 4 / 8 passing
+  groups, the `k` best groups), picked by the largest number of groups a row has
+  above its k-th key, gives the stable sort's keys and ids: small-integer keys tie
+  with the k-th (and stay out), -inf (padding) and the lowest finite value (NaN)
+  never displace a real key. k=47 is one below the 48 groups of the tile."""
+  rng = np.random.default_rng(most * 100 + k)
+  c, groups = 24, 48
+  b = groups * search.GROUP
+  best = -np.sort(-rng.integers(0, 4, (c, k)).astype(np.float32), axis=1)
+  best_ids = np.argsort(rng.random((c, k)), axis=1).astype(np.int32)  # all below `first`
+  thr = best[:, -1:]
+  # Keys at or below each row's k-th, with ties to it, padding and NaN's stand-in ...
+  key = thr - rng.integers(0, 3, (c, b)).astype(np.float32)
+  key[:, rng.random(b) < 0.05] = -np.inf
+  key[rng.random((c, b)) < 0.02] = np.finfo(np.float32).min
+  # ... and `most` groups of row 0 (fewer in the other rows) above it, ties included.
+  for r in range(c):
+    hit = rng.choice(groups, size=most if r == 0 else rng.integers(0, most + 1), replace=False)
+    for g in hit:
+      cols = g * search.GROUP + rng.choice(search.GROUP, size=rng.integers(1, 4), replace=False)
+      key[r, cols] = thr[r] + rng.integers(1, 3, cols.size)
+  passing = (key.reshape(c, groups, -1).max(-1) > thr).sum(1)
+  assert passing.max() == most
+  first = 1000
+  got = jax.jit(search._merge_tile, static_argnums=(4, 5, 6))(
+      jnp.asarray(best), jnp.asarray(best_ids), jnp.asarray(key), jnp.int32(first), k, False,
+      0.95)
+  want_s, want_i = _stable_merge(best, best_ids, key, first)
+  np.testing.assert_array_equal(got[0], want_s)
+  np.testing.assert_array_equal(got[1], want_i)
+
+
+@pytest.mark.parametrize("k,block_size,query_block_size", [
+    (10, 64, 40), (10, 96, None), (10, 352, 8), (11, 384, 64), (3, 1024, 128)])
+def test_topk_threshold_selection_identical_across_blocks_and_devices(k, block_size,
+                                                                      query_block_size):
+  """End to end at moderate size with exact ties (small-integer rows, d=8): many
+  blocks (later ones mostly skipped or narrowed by the threshold), k near the 12
+  groups of a 384-row block, exclude_self, a NaN row and a mesh give the brute-force
+  top-k, the same on one device and eight."""
+  (x,) = _ints(21, (2000, 8), values=(-2, -1, 0, 1, 2))
+  x[5] = np.nan
+  s = reference.METRICS["dot"](x, x)
+  s[5, :] = s[:, 5] = np.finfo(np.float32).min
+  np.fill_diagonal(s, -np.inf)
+  want_s, want_i = reference.topk(s, k)
+  kw = dict(metric="dot", exclude_self=True, block_size=block_size,
+            query_block_size=query_block_size)
+  scores, idx = jaxsim.topk(x, x, k, **kw)
+  np.testing.assert_array_equal(idx, want_i)
+  np.testing.assert_array_equal(scores, want_s)
+  if block_size == 96:
+    sharded = jaxsim.topk(x, x, k, mesh=_mesh(), **kw)
+    np.testing.assert_array_equal(sharded[1], idx)
+    np.testing.assert_array_equal(sharded[0], scores)
+
+
 def test_topk_duplicate_rows_come_in_index_order():
   (base,) = _data(4, (50, 8))
   corpus = np.concatenate([base, base[::-1], base])  # every row three times

@@ -38,6 +38,8 @@ from jaxsim._src import (
 # top-k element lies in one of those groups) and makes the costly per-row selection
 # work on 1/GROUP of the tile.
 GROUP = 32
+# The passing-group counts up to which `_merge_tile` gathers only the passing groups.
+FEW = (1, 2, 4, 8)
 # Scores of -inf or NaN become the lowest finite value of the accumulation dtype, so
 # that they still rank below every real score but above padding and excluded entries
 # (-inf): padding can then never be returned.
@@ -55,6 +57,17 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
                 approx: bool, recall_target: float) -> tuple[jax.Array, jax.Array]:
   """The running top-k of each row updated with one tile of keys.
 
+  Only keys above a row's current k-th (`best[:, k - 1]`) can enter it: an equal key
+  has a higher id than every current one, so the tie stays with `best`. Each group of
+  `GROUP` columns is tested once against that threshold by its maximum, and the tile's
+  cost follows the largest number of passing groups in any row: none skips the tile,
+  up to `FEW[-1]` gathers only those groups (found in index order by a few min
+  reductions, cheap vector passes), and more takes the `k` best groups by maximum
+  with `top_k`. Sorting work (XLA:CPU's `top_k` is a per-row partial sort, about
+  10 ns an element) then drops from `k * GROUP + k` elements a row to `m * GROUP + k`
+  once the thresholds settle, and to none for tiles that change nothing. Every path
+  returns the same, exact result.
+
   Args:
     best, best_ids: `(c, k)` current top-k keys (descending) and their corpus ids,
       all smaller than the tile's ids, so ties stay with the lower id.
@@ -64,21 +77,45 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
   groups = b // GROUP
   if approx and b >= k:
     cand, pos = lax.approx_max_k(key, k, recall_target=recall_target)
-    ids = pos.astype(jnp.int32) + first
-  elif b % GROUP == 0 and groups > k:
-    grouped = key.reshape(c, groups, GROUP)
-    # The k best groups by maximum, in index order so that candidates stay sorted by
-    # id and `top_k` (which breaks ties by position) breaks them by lower id.
-    _, top = lax.top_k(jnp.max(grouped, axis=-1), k)
-    top = jnp.sort(top, axis=-1)
-    cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1).reshape(c, k * GROUP)
-    ids = (top[:, :, None] * GROUP + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]).reshape(
-        c, k * GROUP)
-    ids = ids + first
-  else:
-    cand = key
+    return merge_topk(best, best_ids, cand, pos.astype(jnp.int32) + first, k)
+  if b % GROUP or groups <= k:
     ids = jnp.broadcast_to(first + jnp.arange(b, dtype=jnp.int32), key.shape)
-  return merge_topk(best, best_ids, cand, ids, k)
+    return merge_topk(best, best_ids, key, ids, k)
+  grouped = key.reshape(c, groups, GROUP)
+  group_max = jnp.max(grouped, axis=-1)
+  passing = group_max > best[:, k - 1:]
+  offsets = jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
+
+  def gather(top):
+    # Groups in index order keep the candidates sorted by id, so that `top_k` (which
+    # breaks ties by position) breaks them by lower id.
+    cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1).reshape(c, -1)
+    ids = (top[:, :, None] * GROUP + offsets).reshape(c, -1) + first
+    return cand, ids
+
+  def full(_):
+    _, top = lax.top_k(group_max, k)
+    return merge_topk(best, best_ids, *gather(jnp.sort(top, axis=-1)), k)
+
+  def few(m):
+    def select(_):
+      index = jnp.arange(groups, dtype=jnp.int32)[None, :]
+      prev = jnp.full((c, 1), -1, jnp.int32)
+      tops = []
+      for _ in range(m):  # the next passing group after `prev` (`groups`: none left)
+        prev = jnp.min(jnp.where(passing & (index > prev), index, groups), axis=1, keepdims=True)
+        tops.append(prev)
+      top = jnp.concatenate(tops, axis=1)
+      cand, ids = gather(jnp.minimum(top, groups - 1))
+      cand = jnp.where(jnp.repeat(top < groups, GROUP, axis=1), cand, -jnp.inf)
+      return merge_topk(best, best_ids, cand, ids, k)
+
+    return select
+
+  levels = tuple(m for m in FEW if m < k)
+  most = jnp.max(jnp.sum(passing, axis=1, dtype=jnp.int32))
+  branch = sum((most > m).astype(jnp.int32) for m in (0, *levels))
+  return lax.switch(branch, [lambda _: (best, best_ids), *map(few, levels), full], None)
 
 
 def merge_topk(best: jax.Array, best_ids: jax.Array, key: jax.Array, ids: jax.Array,
