@@ -454,8 +454,9 @@ def test_a_dense_matrix_larger_than_memory_raises_pointing_to_streaming():
 
 
 # --- Dense forms at fused sizes: the one-pass normalisation and the mirrored triangle ------
-# `cosine(x)` of 2048+ rows is built from mirrored 256-row tiles; a set with a row outside
-# `kernels.FAST_SQ_NORM` (or a non-finite one) takes the max-abs pre-scale.
+# `cosine(x)` of 2048+ rows of 512+ features is built from mirrored 256-row tiles; a set
+# with a row outside `kernels.FAST_SQ_NORM` (or a non-finite one) takes the max-abs
+# pre-scale.
 
 
 def _rows_with(kind, n, d, seed):
@@ -464,7 +465,7 @@ def _rows_with(kind, n, d, seed):
     x[3] = 0.0
     x[10] *= np.float32(1e-30)
     x[11] *= np.float32(1e30)
-    x[12, :] = np.float32(1e-30) * np.arange(1, d + 1, dtype=np.float32)
+    x[12, :] = np.float32(1e-30) * np.arange(1, d + 1, dtype=np.float32) / d
     x[-1, 0] = np.nan  # in the shifted last tile
   return x
 
@@ -482,7 +483,7 @@ def _cosine64(x, y):
 @pytest.mark.parametrize("kind", ["plain", "outliers"])
 @pytest.mark.parametrize("n", [2048, 2300])
 def test_dense_self_cosine_at_fused_sizes(kind, n):
-  x = _rows_with(kind, n, 24, 70)
+  x = _rows_with(kind, n, kernels.SYMMETRIC_MIN_DIM, 70)
   got = np.asarray(jaxsim.cosine(x), np.float64)
   bad = ~np.all(np.isfinite(x), axis=1)
   want = _cosine64(np.where(bad[:, None], 0.0, x), np.where(bad[:, None], 0.0, x))
@@ -525,7 +526,7 @@ def test_one_pass_and_prescaled_normalisations_agree():
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_dense_self_cosine_low_precision_at_fused_size(dtype):
-  x = jnp.asarray(_rand((2048, 64), 74) * np.float32(300.0), dtype)  # squares overflow fp16
+  x = jnp.asarray(_rand((2048, 512), 74) * np.float32(300.0), dtype)  # squares overflow fp16
   got = jaxsim.cosine(x)
   assert got.dtype == dtype
   got = np.asarray(got, np.float64)
@@ -538,7 +539,7 @@ def test_dense_self_cosine_low_precision_at_fused_size(dtype):
 
 
 def test_dense_self_cosine_gradients_at_fused_size():
-  x = _rand((2048, 16), 75)
+  x = _rand((2048, 512), 75)
   x[5] *= np.float32(1e-30)  # the pre-scaled path, tiny row included
   w = _rand((2048, 2048), 76)
   g_self = jax.grad(lambda a: jnp.sum(jaxsim.cosine(a) * w))(jnp.asarray(x))

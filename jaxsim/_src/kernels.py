@@ -331,11 +331,14 @@ def finish_cosine(dots: jax.Array, ax: jax.Array, ay: jax.Array) -> jax.Array:
 
 
 # The symmetric dense cosine `cosine(x)` computes only the tiles (i, j), i <= j, of
-# SYMMETRIC_BLOCK rows and mirrors each (`experiments/dense_forms.py`): on the 2-core
-# CPU, 512-row tiles ran at 1.07-1.09x XLA's full `x @ x.T` at n=4096, d=512, and
-# 1024-row tiles at 0.8-0.9x. Below SYMMETRIC_MIN_ROWS, one matmul.
+# SYMMETRIC_BLOCK rows and mirrors each (`experiments/dense_forms.py`). On the 2-core
+# CPU, at d=512: 1.06x XLA's full `u @ u.T` at n=2048 and 1.08x at n=4096 (512-row
+# tiles: 1.07x, 1024-row tiles: 0.8-0.9x). Where d is small the full matmul is bound by
+# writing its output, which the mirror writes twice: 0.92x at d=256, 0.78x at d=128,
+# so narrower rows take the one matmul.
 SYMMETRIC_BLOCK = 256
 SYMMETRIC_MIN_ROWS = 2048
+SYMMETRIC_MIN_DIM = 512
 
 
 def symmetric_dense(xp: Prepared, finish, out_dtype, *, precision=None) -> jax.Array:
@@ -376,7 +379,7 @@ def _symmetric_cosine(xp: Prepared, out_dtype, precision) -> jax.Array:
 
 def _use_symmetric(x: jax.Array, metric: str) -> bool:
   return (metric == "cosine" and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS
-          and jax.default_backend() == "cpu")
+          and x.shape[1] >= SYMMETRIC_MIN_DIM and jax.default_backend() == "cpu")
 
 
 def _pairwise(x, y, eps, scale, *, metric, precision):
@@ -530,10 +533,14 @@ def cosine(x: ArrayLike, y: ArrayLike | None = None, *, eps: float = 0.0,
   normalised once (O(n d)), then one matmul; values are clipped to `[-1, 1]`. A zero
   row has cosine 0 against everything, with a zero gradient, never NaN; a row with an
   infinite or NaN entry has NaN cosines. For `y=None` the diagonal is exactly 1 for
-  rows above the clamp. Normalisation divides by the row's largest entry first, so
-  fp16 rows of large magnitude and float32 rows of magnitude 1e-30 are both exact,
+  rows above the clamp. Normalisation is one pass, `x * rsqrt(|x|^2)`, where no square
+  can overflow or underflow; float16 and bfloat16 rows, and sets with a row of squared
+  norm outside `[2**-40, 2**40]`, divide each row by its largest entry first, so fp16
+  rows of large magnitude and float32 rows of magnitude 1e-30 are both exact,
   gradients included. XLA flushes subnormal numbers to zero, so a row whose entries
-  are all subnormal counts as a zero row.
+  are all subnormal counts as a zero row. On CPU, `y=None` with 2048 rows or more of
+  512 features or more computes only the 256-row tiles on and above the diagonal and
+  mirrors each: half the flops of the matmul.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.
