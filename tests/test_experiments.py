@@ -14,6 +14,7 @@ import pytest
 from experiments import (
   attention_demo,
   bf16_matmul,
+  dense_forms,
   embedding_stats,
   harness,
   numerics_bench,
@@ -256,6 +257,22 @@ def test_numerics_bench(results):
   p = _run(numerics_bench, results, *TINY, "--grid", "n=300", "--no-plot")
   assert p["checks_passed"]
   assert set(_ok(p, "euclidean_refinement")) == {"expansion", "refined", "refined, 1% close"}
+
+
+def test_dense_forms(results):
+  p = _run(dense_forms, results, *TINY, "--quick", "--grid", "n=300", "--grid", "d=16",
+           "--no-plot", "--flags-n", "64")
+  assert p["checks_passed"]
+  assert set(_ok(p, "dense_self")) == {dense_forms.JAXSIM_SELF, dense_forms.RAW,
+                                       dense_forms.SKLEARN}
+  assert set(_ok(p, "dense_cross")) == {dense_forms.JAXSIM_CROSS, dense_forms.RAW_CROSS}
+  sweep = p["studies"]["xla_flags"]
+  assert [r["setting"] for r in sweep["rows"]] == list(dense_forms.QUICK_SETTINGS)
+  default = sweep["rows"][0]
+  assert default["status"] == "ok" and default["max_abs_diff"] < 1e-5
+  assert default["matmul_gflops"] == pytest.approx(2 * 64**2 * 512 / 1e9 / default["matmul_s"])
+  # What the parent ran under is recorded (here the test's 8-device flag).
+  assert set(sweep["flags_in_effect"]) == {"XLA_FLAGS", "GLIBC_TUNABLES"}
 
 
 def test_attention_training_runs_optax_and_learns_the_scale():

@@ -451,3 +451,101 @@ def test_a_dense_matrix_larger_than_memory_raises_pointing_to_streaming():
     jaxsim.cosine(x)
   with pytest.raises(ValueError, match=r"the \(65536, 4194304\) score matrix needs .* GiB"):
     jaxsim.euclidean(x[:65536], x)
+
+
+# --- Dense forms at fused sizes: the one-pass normalisation and the mirrored triangle ------
+# `cosine(x)` of 2048+ rows of 512+ features is built from mirrored 256-row tiles; a set
+# with a row outside `kernels.FAST_SQ_NORM` (or a non-finite one) takes the max-abs
+# pre-scale.
+
+
+def _rows_with(kind, n, d, seed):
+  x = _rand((n, d), seed)
+  if kind == "outliers":
+    x[3] = 0.0
+    x[10] *= np.float32(1e-30)
+    x[11] *= np.float32(1e30)
+    x[12, :] = np.float32(1e-30) * np.arange(1, d + 1, dtype=np.float32) / d
+    x[-1, 0] = np.nan  # in the shifted last tile
+  return x
+
+
+def _cosine64(x, y):
+  """Cosines in float64 after the same max-abs pre-scale (no overflow in the reference)."""
+  def unit(a):
+    a = a.astype(np.float64)
+    a = a / np.maximum(np.abs(a).max(axis=1, keepdims=True), 1e-300)
+    n = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.where(n > 0, a / np.where(n > 0, n, 1.0), 0.0)
+  return unit(x) @ unit(y).T
+
+
+@pytest.mark.parametrize("kind", ["plain", "outliers"])
+@pytest.mark.parametrize("n", [2048, 2300])
+def test_dense_self_cosine_at_fused_sizes(kind, n):
+  x = _rows_with(kind, n, kernels.SYMMETRIC_MIN_DIM, 70)
+  got = np.asarray(jaxsim.cosine(x), np.float64)
+  bad = ~np.all(np.isfinite(x), axis=1)
+  want = _cosine64(np.where(bad[:, None], 0.0, x), np.where(bad[:, None], 0.0, x))
+  np.fill_diagonal(want, np.any(x != 0, axis=1))
+  ok = ~bad
+  assert np.all(np.isnan(got[bad])) and np.all(np.isnan(got[:, bad]))
+  np.testing.assert_allclose(got[np.ix_(ok, ok)], want[np.ix_(ok, ok)], atol=1e-6, rtol=0)
+  assert np.all(np.abs(got[np.ix_(ok, ok)]) <= 1.0)
+  diag = np.diagonal(got)[ok]
+  np.testing.assert_array_equal(diag, np.any(x[ok] != 0, axis=1).astype(np.float64))
+  # The mirrored triangle agrees with the one-matmul cross form off the diagonal.
+  cross = np.asarray(jaxsim.cosine(x, x), np.float64)
+  off = ~np.eye(n, dtype=bool) & ok[:, None] & ok[None, :]
+  np.testing.assert_allclose(got[off], cross[off], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "outliers"])
+def test_dense_cross_cosine_at_fused_sizes(kind):
+  x, y = _rows_with(kind, 1024, 24, 71), _rows_with(kind, 700, 24, 72)
+  got = np.asarray(jaxsim.cosine(x, y), np.float64)
+  bx, by = ~np.all(np.isfinite(x), axis=1), ~np.all(np.isfinite(y), axis=1)
+  want = _cosine64(x[~bx], y[~by])
+  np.testing.assert_allclose(got[np.ix_(~bx, ~by)], want, atol=1e-6, rtol=0)
+  assert np.all(np.abs(got[np.ix_(~bx, ~by)]) <= 1.0)
+  assert np.all(np.isnan(got[bx])) and np.all(np.isnan(got[:, by]))
+
+
+def test_one_pass_and_prescaled_normalisations_agree():
+  x = _rand((600, 48), 73) * np.logspace(-5, 5, 600, dtype=np.float32)[:, None]
+  fast, fast_sq = kernels.unit_rows(jnp.asarray(x), 1e-3)
+  slow, slow_sq = kernels._unit_rows_prescaled(jnp.asarray(x), jnp.float32(1e-3), None)
+  np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(fast_sq, slow_sq, rtol=1e-5)
+  # One row past FAST_SQ_NORM switches the whole set to the pre-scale, exactly.
+  x[0] *= np.float32(1e25)
+  both, _ = kernels.unit_rows(jnp.asarray(x), 1e-3)
+  np.testing.assert_array_equal(
+      both, kernels._unit_rows_prescaled(jnp.asarray(x), jnp.float32(1e-3), None)[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_dense_self_cosine_low_precision_at_fused_size(dtype):
+  x = jnp.asarray(_rand((2048, 512), 74) * np.float32(300.0), dtype)  # squares overflow fp16
+  got = jaxsim.cosine(x)
+  assert got.dtype == dtype
+  got = np.asarray(got, np.float64)
+  x64 = np.asarray(x, np.float64)
+  want = _cosine64(x64, x64)
+  np.fill_diagonal(want, 1.0)
+  _assert_close(got, want, dtype)
+  assert np.all(np.abs(got) <= 1.0)
+  np.testing.assert_array_equal(np.diagonal(got), 1.0)
+
+
+def test_dense_self_cosine_gradients_at_fused_size():
+  x = _rand((2048, 512), 75)
+  x[5] *= np.float32(1e-30)  # the pre-scaled path, tiny row included
+  w = _rand((2048, 2048), 76)
+  g_self = jax.grad(lambda a: jnp.sum(jaxsim.cosine(a) * w))(jnp.asarray(x))
+  g_cross = jax.grad(lambda a: jnp.sum(jaxsim.cosine(a, jax.lax.stop_gradient(a)) * w)
+                     + jnp.sum(jaxsim.cosine(jax.lax.stop_gradient(a), a) * w))(jnp.asarray(x))
+  g_self, g_cross = np.asarray(g_self, np.float64), np.asarray(g_cross, np.float64)
+  assert np.all(np.isfinite(g_self))
+  scale = np.abs(g_cross[np.arange(2048) != 5]).max()
+  np.testing.assert_allclose(g_self, g_cross, rtol=1e-3, atol=1e-3 * scale)

@@ -77,18 +77,27 @@ def default_scale(d: int) -> float:
   return 1.0 / float(max(d, 1)) ** 0.5
 
 
+# Squared norms in which the one-pass normalisation `x * rsqrt(|x|^2)` is exact, gradient
+# included: no square overflows (each is <= the sum), squares that underflow are below
+# 2**-126, a 2**-86 share of the sum, and rsqrt's derivative |x|^-3 stays a normal float.
+FAST_SQ_NORM = (2.0**-40, 2.0**40)
+
+
 def unit_rows(x: jax.Array, eps: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
   r"""Unit-normalises rows without overflow or underflow, in the accumulation dtype.
 
   .. math:: \hat x = x / \sqrt{\max(\lVert x\rVert^2, \epsilon)}
 
   the convention of optax's `cosine_similarity` (`epsilon` clamps the squared norm;
-  torch's `eps` clamps the product of the two norms instead). Each row is first divided
-  by its largest absolute entry, so that squaring cannot overflow (fp16 rows of
-  magnitude 300) or underflow (rows of magnitude 1e-30) before the norm is taken. That
-  pre-scale cancels out of :math:`\hat x`, so no gradient flows through it (its own
-  derivative underflows to NaN for rows below about 1e-19). Zero rows map to the zero
-  vector with a zero gradient, for any `eps`.
+  torch's `eps` clamps the product of the two norms instead). Float16 and bfloat16
+  rows, and any set with a row whose squared norm lies outside `FAST_SQ_NORM` (float32
+  rows of magnitude 1e-30 or 1e30, an infinite or NaN entry), are first divided by
+  their largest absolute entry, so that squaring cannot overflow (fp16 rows of
+  magnitude 300) or underflow before the norm is taken. That pre-scale cancels out of
+  :math:`\hat x`, so no gradient flows through it (its own derivative underflows to NaN
+  for rows below about 1e-19). Every other set takes one pass, `x * rsqrt(|x|^2)`: the
+  same rows to rounding, without the dozen small passes of the pre-scale. Zero rows map
+  to the zero vector with a zero gradient, for any `eps`.
 
   Args:
     x: `(..., n, d)` array.
@@ -103,6 +112,28 @@ def unit_rows(x: jax.Array, eps: float | jax.Array = 0.0) -> tuple[jax.Array, ja
   acc = accum_dtype(x.dtype)
   xf = x.astype(acc)
   eps = jnp.asarray(eps, acc)
+  if jnp.dtype(x.dtype).itemsize < 4 or xf.shape[-1] == 0:
+    return _unit_rows_prescaled(xf, eps, None)
+  sumsq = jnp.sum(xf * xf, axis=-1, keepdims=True)
+  amax = jax.lax.stop_gradient(jnp.max(jnp.abs(xf), axis=-1, keepdims=True, initial=0.0))
+  lo, hi = FAST_SQ_NORM
+  # A zero row is exact in one pass too; `amax` tells it from a row whose squares
+  # all underflowed (and a NaN row, whose sum is NaN, from both).
+  fast = jnp.all(((sumsq >= lo) & (sumsq <= hi)) | ((sumsq == 0) & (amax == 0)))
+  return jax.lax.cond(fast, _unit_rows_one_pass, _unit_rows_prescaled, xf, eps, sumsq)
+
+
+def _unit_rows_one_pass(xf, eps, sumsq):
+  clamp = jnp.maximum(sumsq, eps)
+  # 0 for a zero row under eps=0 (a zero row and gradient), else 1/sqrt(max(|x|^2, eps)).
+  unit = xf * jnp.where(clamp > 0, jax.lax.rsqrt(jnp.where(clamp > 0, clamp, 1.0)), 0.0)
+  below = sumsq <= eps
+  sq_norm = jnp.where(below, sumsq / jnp.where(below & (eps > 0), eps, 1.0), 1.0)
+  return unit, sq_norm[..., 0]
+
+
+def _unit_rows_prescaled(xf, eps, sumsq):
+  del sumsq  # may have overflowed or underflowed
   amax = jax.lax.stop_gradient(jnp.max(jnp.abs(xf), axis=-1, keepdims=True, initial=0.0))
   nonzero = amax > 0
   xs = xf / jnp.where(nonzero, amax, 1.0)
@@ -223,8 +254,7 @@ def score(xp: Prepared, yp: Prepared, metric: str, *, scale: float | jax.Array |
     rows = (rows.astype(acc) * s).astype(rows.dtype)
   dots = matmul_t(rows, yp.rows, precision)
   if metric == "cosine":
-    finite = jnp.isfinite(xp.aux[..., :, None]) & jnp.isfinite(yp.aux[..., None, :])
-    return jnp.where(finite, jnp.clip(dots, -1.0, 1.0), jnp.nan)
+    return finish_cosine(dots, xp.aux[..., :, None], yp.aux[..., None, :])
   if metric in DISTANCES:
     ax, ay = xp.aux[..., :, None], yp.aux[..., None, :]
     sq = jnp.where(jnp.isfinite(ax) & jnp.isfinite(ay), jnp.maximum(ax + ay - 2.0 * dots, 0.0),
@@ -294,6 +324,64 @@ def refine_dense(sq: jax.Array, x: jax.Array, y: jax.Array, xp: Prepared, yp: Pr
   return with_tangent_of(fixed.reshape(sq.shape), sq)
 
 
+def finish_cosine(dots: jax.Array, ax: jax.Array, ay: jax.Array) -> jax.Array:
+  """Cosines from the dot products of unit rows: clipped to `[-1, 1]`, NaN where a row's
+  `aux` marks a non-finite entry (`ax`, `ay` broadcast against `dots`)."""
+  return jnp.where(jnp.isfinite(ax) & jnp.isfinite(ay), jnp.clip(dots, -1.0, 1.0), jnp.nan)
+
+
+# The symmetric dense cosine `cosine(x)` computes only the tiles (i, j), i <= j, of
+# SYMMETRIC_BLOCK rows and mirrors each (`experiments/dense_forms.py`). On the 2-core
+# CPU, at d=512: 1.06x XLA's full `u @ u.T` at n=2048 and 1.08x at n=4096 (512-row
+# tiles: 1.07x, 1024-row tiles: 0.8-0.9x). Where d is small the full matmul is bound by
+# writing its output, which the mirror writes twice: 0.92x at d=256, 0.78x at d=128,
+# so narrower rows take the one matmul.
+SYMMETRIC_BLOCK = 256
+SYMMETRIC_MIN_ROWS = 2048
+SYMMETRIC_MIN_DIM = 512
+
+
+def symmetric_dense(xp: Prepared, finish, out_dtype, *, precision=None) -> jax.Array:
+  """The `(n, n)` scores of 2-D prepared rows against themselves, from the upper tiles.
+
+  `finish(dots, row_aux, col_aux)` turns one tile's float32 dot products into scores
+  (`row_aux`: `(b, 1)`, `col_aux`: `(1, b)`); each finished tile and its transpose are
+  written into the result in place, so each score costs half a matmul, and the result
+  is written from tiles that are still in cache.
+  """
+  n = xp.rows.shape[-2]
+
+  def step(out, r, c, r_start, c_start, r_valid, c_valid):
+    del r_valid, c_valid  # rows seen twice get the same scores twice
+    dots = matmul_t(r.rows, c.rows, precision)
+    tile = finish(dots, r.aux[:, None], c.aux[None, :]).astype(out_dtype)
+    out = jax.lax.dynamic_update_slice(out, tile.T, (c_start, r_start))
+    return jax.lax.dynamic_update_slice(out, tile, (r_start, c_start))
+
+  return blockscan.triangle_scan(step, jnp.zeros((n, n), out_dtype), xp,
+                                 block_size=SYMMETRIC_BLOCK, remat=False)
+
+
+def _symmetric_cosine(xp: Prepared, out_dtype, precision) -> jax.Array:
+  """`cosine(x)` of 2-D rows from the upper tiles (see `symmetric_dense`); its
+  derivative is that of the one-matmul form, which runs only when differentiated."""
+  # 0 for a finite row, NaN for one with a non-finite entry: adding it after the clip
+  # costs two adds a score, where a select on both rows' flags costs more in the loop.
+  bad = jnp.where(jnp.isfinite(xp.aux), 0.0, jnp.nan).astype(xp.aux.dtype)
+  finish = lambda dots, br, bc: jnp.clip(dots, -1.0, 1.0) + br + bc
+  idx = jnp.arange(xp.rows.shape[-2])
+  value = symmetric_dense(Prepared(jax.lax.stop_gradient(xp.rows), bad), finish, out_dtype,
+                          precision=precision)
+  value = value.at[idx, idx].set(jax.lax.stop_gradient(xp.aux).astype(out_dtype))
+  s = score(xp, xp, "cosine", precision=precision)
+  return with_tangent_of(value, s.at[idx, idx].set(xp.aux).astype(out_dtype))
+
+
+def _use_symmetric(x: jax.Array, metric: str) -> bool:
+  return (metric == "cosine" and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS
+          and x.shape[1] >= SYMMETRIC_MIN_DIM and jax.default_backend() == "cpu")
+
+
 def _pairwise(x, y, eps, scale, *, metric, precision):
   self_sim = y is None
   squeeze_x, squeeze_y = x.ndim == 1, (x if self_sim else y).ndim == 1
@@ -308,6 +396,8 @@ def _pairwise(x, y, eps, scale, *, metric, precision):
     x, y = (a.reshape((1,) * (rank - a.ndim) + a.shape) for a in (x, y))
   shift = centre(x if self_sim else y) if metric in DISTANCES else None
   xp = prepare(x, metric, eps=eps, shift=shift)
+  if self_sim and _use_symmetric(x, metric):
+    return _symmetric_cosine(xp, x.dtype, precision)
   yp = xp if self_sim else prepare(y, metric, eps=eps, shift=shift)
   if metric in DISTANCES:
     s = score(xp, yp, "sq_euclidean", precision=precision)
@@ -443,10 +533,14 @@ def cosine(x: ArrayLike, y: ArrayLike | None = None, *, eps: float = 0.0,
   normalised once (O(n d)), then one matmul; values are clipped to `[-1, 1]`. A zero
   row has cosine 0 against everything, with a zero gradient, never NaN; a row with an
   infinite or NaN entry has NaN cosines. For `y=None` the diagonal is exactly 1 for
-  rows above the clamp. Normalisation divides by the row's largest entry first, so
-  fp16 rows of large magnitude and float32 rows of magnitude 1e-30 are both exact,
+  rows above the clamp. Normalisation is one pass, `x * rsqrt(|x|^2)`, where no square
+  can overflow or underflow; float16 and bfloat16 rows, and sets with a row of squared
+  norm outside `[2**-40, 2**40]`, divide each row by its largest entry first, so fp16
+  rows of large magnitude and float32 rows of magnitude 1e-30 are both exact,
   gradients included. XLA flushes subnormal numbers to zero, so a row whose entries
-  are all subnormal counts as a zero row.
+  are all subnormal counts as a zero row. On CPU, `y=None` with 2048 rows or more of
+  512 features or more computes only the 256-row tiles on and above the diagonal and
+  mirrors each: half the flops of the matmul.
 
   Args:
     x: `(..., n, d)` array, or a `(d,)` vector.
