@@ -178,11 +178,26 @@ def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh
     return key, key
 
   def exact_candidates(hat, hat_ids):
-    best, ids = search._refine_candidates(x, hat, hat_ids, x, shift, None, raw=True)
+    worst = hat[:, -1]
+
+    # Refined in place, block by block: each block's candidates are read from the carry
+    # just before they are overwritten, so no second (n, width) pair is held. Row blocks
+    # are sliced in place (`pad_tail=False`, no padded copy of `x`); the shifted last
+    # block refines some rows again, which leaves them as they are.
+    def refine_rows(out, rows, start, valid):
+      del valid
+      hat_b, ids_b = (lax.dynamic_slice_in_dim(v, start, rows.shape[0]) for v in out)
+      new = search._refine_candidates(rows, hat_b, ids_b, x, shift, None, raw=True)
+      return tuple(lax.dynamic_update_slice_in_dim(o, v, start, 0)
+                   for o, v in zip(out, new, strict=True))
+
+    qr = max(8, defaults.stats_tile() // (width * d))
+    best, ids = blockscan.block_scan(refine_rows, (hat, hat_ids), x, block_size=qr,
+                                     pad_tail=False, remat=False)
     # Every row this device scored for row i outside its candidates has an expansion
     # >= the worst candidate's, hence a squared distance >= `floor`.
     err = refine.error_bound(aux, aux_max[None], d, x.dtype)[:, 0]
-    floor = jnp.where(hat[:, -1] > -jnp.inf, -hat[:, -1] - err, jnp.inf)
+    floor = jnp.where(worst > -jnp.inf, -worst - err, jnp.inf)
     return best, ids, floor
 
   best, ids, floor = _scan(x, expansion, width, (), finish=exact_candidates, **opts)
