@@ -158,11 +158,12 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
     corpus: `(n, d)` corpus rows, or None for the k-nearest-neighbour graph of
       `queries` itself: the same results as `topk(queries, queries, k, ...)` (`n = q`,
       `exclude_self` as there), computed from the tiles `(i, j)`, `i <= j`, of one
-      triangle (`jaxsim._src.graph`), about half the matmul work. Its tiles are square,
-      `block_size` rows a side (default 1024 rows on CPU, 8192 on GPU and TPU), and
-      `query_block_size` must be None; with `mesh`, every device holds all the rows and
-      scores its share of the tiles. `jaxsim.knn_graph` turns the result into a sparse
-      matrix.
+      triangle (`jaxsim._src.graph`), about half the matmul work (the selection still
+      runs for both sides of each tile; `experiments/knn_graph.py` measures the time).
+      Its tiles are square, `block_size` rows a side (default 1024 rows on CPU, 8192 on
+      GPU and TPU), and `query_block_size` must be None; with `mesh`, every device
+      holds all the rows and scores its share of the tiles. `jaxsim.knn_graph` turns
+      the result into a sparse matrix.
     k: results per query, `1 <= k <= n` (`k <= n - 1` with `exclude_self`).
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"` (largest first) or
       `"sq_euclidean"`, `"euclidean"` (nearest first).
