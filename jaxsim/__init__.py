@@ -5,6 +5,7 @@ from jaxsim._src.attention import attention_scores as attention_scores
 from jaxsim._src.attention import attention_weights as attention_weights
 from jaxsim._src.distributed import ShardedRows as ShardedRows
 from jaxsim._src.distributed import shard_rows as shard_rows
+from jaxsim._src.graph import knn_graph as knn_graph
 from jaxsim._src.index import Index as Index
 from jaxsim._src.kernels import cosine as cosine
 from jaxsim._src.kernels import dot as dot
@@ -32,6 +33,7 @@ __all__ = (
     "dot",
     "euclidean",
     "Index",
+    "knn_graph",
     "Pairs",
     "pairs_above",
     "pairwise",

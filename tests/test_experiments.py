@@ -17,6 +17,7 @@ from experiments import (
   dense_forms,
   embedding_stats,
   harness,
+  knn_graph,
   numerics_bench,
   report,
   scaling,
@@ -199,6 +200,28 @@ def test_bf16_matmul(results):
   # float32 is far inside the bound; bfloat16 products are not exact but inside it.
   assert rows[bf16_matmul.F32]["error"] < 1e-5
   assert 1e-5 < rows[bf16_matmul.BF16]["error"] <= bf16_matmul.BOUND
+
+
+def test_knn_graph(results):
+  p = _run(knn_graph, results, *TINY, "--grid", "n=300", "--grid", "d=16")
+  assert p["checks_passed"]
+  rows = _ok(p, "knn_graph")
+  assert set(rows) == {knn_graph.TRIANGLE, knn_graph.TWO_SIDED, knn_graph.FAISS}
+  assert all(r["error"] <= knn_graph.RECALL_TOLERANCE for r in rows.values())
+  targets = p["benchmarks"]["knn_graph"]["targets"]
+  assert {(t["candidate"], t["baseline"]) for t in targets} == {
+      (knn_graph.TRIANGLE, knn_graph.FAISS), (knn_graph.TRIANGLE, knn_graph.TWO_SIDED)}
+
+
+def test_knn_graph_reference_and_drop_self():
+  x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+  rows = np.array([0, 7, 49])
+  s = reference.cosine(x, x)
+  np.fill_diagonal(s, -np.inf)
+  np.testing.assert_array_equal(knn_graph.exact_graph(x, rows, 4), reference.topk(s, 4)[1][rows])
+  # The row's own id is dropped wherever it is; without it, the last neighbour is.
+  np.testing.assert_array_equal(knn_graph.drop_self(np.array([[0, 3, 4], [2, 1, 5], [0, 3, 4]])),
+                                [[3, 4], [2, 5], [0, 3]])
 
 
 def test_embedding_stats(results, tmp_path):

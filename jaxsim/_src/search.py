@@ -129,7 +129,7 @@ def merge_topk(best: jax.Array, best_ids: jax.Array, key: jax.Array, ids: jax.Ar
   return merged, jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=1), pos, axis=1)
 
 
-def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metric = "cosine",
+def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernels.Metric = "cosine",
          block_size: int | None = None, query_block_size: int | None = None,
          exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,
          mesh: jax.sharding.Mesh | None = None, precision=None) -> tuple[jax.Array, jax.Array]:
@@ -155,7 +155,15 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
 
   Args:
     queries: `(q, d)` query rows.
-    corpus: `(n, d)` corpus rows.
+    corpus: `(n, d)` corpus rows, or None for the k-nearest-neighbour graph of
+      `queries` itself: the same results as `topk(queries, queries, k, ...)` (`n = q`,
+      `exclude_self` as there), computed from the tiles `(i, j)`, `i <= j`, of one
+      triangle (`jaxsim._src.graph`), about half the matmul work (the selection still
+      runs for both sides of each tile; `experiments/knn_graph.py` measures the time).
+      Its tiles are square, `block_size` rows a side (default 1024 rows on CPU, 8192 on
+      GPU and TPU), and `query_block_size` must be None; with `mesh`, every device
+      holds all the rows and scores its share of the tiles. `jaxsim.knn_graph` turns
+      the result into a sparse matrix.
     k: results per query, `1 <= k <= n` (`k <= n - 1` with `exclude_self`).
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"` (largest first) or
       `"sq_euclidean"`, `"euclidean"` (nearest first).
@@ -201,7 +209,18 @@ def topk(queries: ArrayLike, corpus: ArrayLike, k: int, *, metric: kernels.Metri
     >>> scores, idx = jaxsim.topk(jnp.array([[1., 0.1]]), corpus, 2)
     >>> idx
     Array([[0, 2]], dtype=int32)
+    >>> _, graph = jaxsim.topk(corpus, None, 1, exclude_self=True)  # each row's neighbour
+    >>> graph[:, 0]
+    Array([2, 2, 0], dtype=int32)
   """
+  if corpus is None:
+    # `graph` builds on this module's selection, so it is imported here, not at the top.
+    from jaxsim._src import graph
+
+    return graph.topk_self(queries, k, metric=metric, block_size=block_size,
+                           query_block_size=query_block_size, exclude_self=exclude_self,
+                           approx=approx, recall_target=recall_target, mesh=mesh,
+                           precision=precision)
   if isinstance(corpus, distributed.ShardedRows):
     return distributed.topk(queries, corpus, k, mesh=mesh, metric=metric, block_size=block_size,
                             query_block_size=query_block_size, exclude_self=exclude_self,

@@ -1,0 +1,305 @@
+r"""The k-nearest-neighbour graph of a set: top-k of every row among the same rows.
+
+`jaxsim.topk(x, None, k)` computes what `jaxsim.topk(x, x, k)` computes, from half the
+scores. A symmetric similarity has :math:`s(i, j) = s(j, i)`, so the tiles `(i, j)`,
+`i <= j`, of row blocks (`blockscan.triangle_scan`) hold every score once. Each tile
+is selected twice: its rows feed the running top-k of its row block and its columns
+(the tile transposed) that of its column block; the diagonal tile feeds its block once.
+The carry is every row's running top-k, `(n, k)` keys and ids: memory is O(n k) plus
+O(tiles), never O(n^2), and no prepared copy of the rows is made (each tile prepares
+its two blocks, O(b d) against the tile's O(b^2 d) matmul).
+
+Ties go to the lower index as in the two-sided search: `triangle_scan` visits tiles
+row-major, so every row block meets the column blocks in ascending order, first as the
+column side of the tiles `(i, r)`, `i < r`, then as the row side of `(r, j)`, `j >= r`,
+and `search.merge_topk` keeps earlier arrivals first. With `mesh=` every device holds
+all rows and walks one contiguous run of the row-major tiles (`sharding.map_devices`);
+the runs hold increasing column blocks for any one row, so merging the devices' top-k
+in device order again breaks ties by lower index.
+
+The Euclidean metrics keep the guarantees of the two-sided search (`jaxsim._src.refine`):
+each row's `k + refine.TOPK_EXTRA` best by the expansion are recomputed directly as
+`sum((x_i - x_j)**2)`, and where the error bound leaves a row outside them within reach
+of the k-th distance, a second triangle pass recomputes every pair within reach.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxsim._src import (
+  blockscan,
+  defaults,
+  distributed,
+  kernels,
+  refine,
+  search,
+  sharding,
+  stats,
+  validation,
+)
+
+
+def default_block(n: int) -> int:
+  """Rows per square tile: the backend's top-k tile made square (1024 rows on CPU,
+  8192 on GPU and TPU; see `jaxsim._src.defaults`), split into equal blocks, a
+  multiple of `search.GROUP`, and never more than `n`."""
+  side = 1 << (defaults.topk_tile().bit_length() - 1) // 2
+  return min(stats._even_blocks(n, side, search.GROUP), max(n, 1))
+
+
+def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, approx,
+              recall_target, mesh, precision) -> tuple[jax.Array, jax.Array]:
+  """`jaxsim.topk(x, None, k, ...)`: validates, then runs the triangle (see `search.topk`)."""
+  kernels.check_metric(metric)
+  mesh = distributed.prepare_call(mesh, x, name="queries", k=k, metric=metric,
+                                  block_size=block_size, exclude_self=exclude_self,
+                                  approx=approx, recall_target=recall_target)
+  x, _ = validation.matrices(x, None, x_name="queries")
+  k = validation.check_positive_int(k, "k")
+  block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
+  if query_block_size is not None:
+    raise ValueError("`query_block_size` does not apply with `corpus=None`: its tiles are "
+                     f"square, of `block_size` rows; got query_block_size={query_block_size}.")
+  sharding.check_mesh(mesh)
+  exclude_self = validation.check_bool(exclude_self, "exclude_self")
+  approx = validation.check_bool(approx, "approx")
+  recall_target = validation.check_scalar(recall_target, "recall_target")
+  if isinstance(recall_target, jax.core.Tracer) or not 0.0 < float(recall_target) <= 1.0:
+    raise ValueError(f"`recall_target` must be a number in (0, 1], got {recall_target!r}.")
+  n = x.shape[0]
+  if k > (n - 1 if exclude_self else n):
+    bound = "n - 1 (exclude_self=True)" if exclude_self else "n, the number of rows"
+    raise ValueError(f"`k` must be at most {bound}: got k={k} with n={n} "
+                     f"(queries.shape={x.shape}, corpus=None).")
+  block = default_block(n) if block_size is None else min(block_size, n)
+  scores, ids = _topk_self(x, k=k, metric=metric, block=block, exclude_self=exclude_self,
+                           approx=approx, recall_target=float(recall_target), mesh=mesh,
+                           precision=precision)
+  return scores.astype(x.dtype), ids
+
+
+def _merge_devices(best: jax.Array, ids: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+  """Per-device `(devices, n, w)` top-k merged into `(n, width)`, ties to the lower id.
+
+  Device `i`'s run of tiles gives every row lower column ids than device `i + 1`'s, so
+  position ties in the concatenation in device order are ties to the lower id.
+  """
+  if best.shape[0] == 1:
+    return best[0], ids[0]
+  n = best.shape[1]
+  best = jnp.moveaxis(best, 0, 1).reshape(n, -1)
+  ids = jnp.moveaxis(ids, 0, 1).reshape(n, -1)
+  return search.merge_topk(best[:, :0], ids[:, :0], best, ids, width)
+
+
+def _scan(x, tile, width, extra, *, block, mesh, approx, recall_target, finish=None):
+  """Every row's streamed top-`width` over the triangle tiles, merged over devices.
+
+  `tile(rows, cols, r_ids, c_ids, keep, *extra)` gives a tile's `(row_keys, col_keys)`,
+  both `(b, b)` (rows x columns; `col_keys` is selected transposed), for raw row blocks
+  `rows` and `cols` with global ids `r_ids` and `c_ids`, where `keep` marks the valid
+  pairs. `finish(best, ids, *extra)` maps each device's `(best, ids)` to `(best, ids,
+  *more)` before the devices are merged; `more` comes back stacked per device.
+  """
+  n = x.shape[0]
+  acc = kernels.accum_dtype(x.dtype)
+  merge = functools.partial(search._merge_tile, k=width, approx=approx,
+                            recall_target=recall_target)
+
+  def local(index, count, x, extra):
+    init = (jnp.full((n, width), -jnp.inf, acc), jnp.full((n, width), -1, jnp.int32))
+
+    def step(carry, rows, cols, r0, c0, r_valid, c_valid):
+      best, ids = carry
+      offsets = jnp.arange(rows.shape[0], dtype=jnp.int32)
+      r_ids, c_ids = r0 + offsets, c0 + offsets
+      keep = r_valid[:, None] & c_valid[None, :]
+      row_key, col_key = tile(rows, cols, r_ids, c_ids, keep, *extra)
+      b = rows.shape[0]
+      # The row side first, written back before the column side reads its block: the
+      # shifted last block overlaps the one before it (there masked, so left as is).
+      rb, ri = merge(lax.dynamic_slice_in_dim(best, r0, b), lax.dynamic_slice_in_dim(ids, r0, b),
+                     row_key, first=c0)
+      best = lax.dynamic_update_slice_in_dim(best, rb, r0, 0)
+      ids = lax.dynamic_update_slice_in_dim(ids, ri, r0, 0)
+      cb, ci = lax.dynamic_slice_in_dim(best, c0, b), lax.dynamic_slice_in_dim(ids, c0, b)
+      # The diagonal tile holds its block's scores once; its column side would repeat them.
+      cb, ci = lax.cond(r0 == c0, lambda: (cb, ci),
+                        lambda: merge(cb, ci, col_key.T, first=r0))
+      return (lax.dynamic_update_slice_in_dim(best, cb, c0, 0),
+              lax.dynamic_update_slice_in_dim(ids, ci, c0, 0))
+
+    best, ids = blockscan.triangle_scan(step, init, x, block_size=block, shard=(index, count))
+    return (best, ids) if finish is None else finish(best, ids, *extra)
+
+  out = sharding.map_devices(local, x, extra, mesh=mesh)
+  return (*_merge_devices(out[0], out[1], width), *out[2:])
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "k", "metric", "block", "exclude_self", "approx", "recall_target", "mesh", "precision"))
+def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh, precision):
+  euclid = metric in kernels.DISTANCES
+  shift = kernels.centre(x) if euclid else None
+  prep = lambda rows: kernels.prepare(rows, metric, shift=shift)
+  opts = dict(block=block, mesh=mesh, approx=approx, recall_target=recall_target)
+
+  def keep_of(keep, r_ids, c_ids):
+    return keep & (r_ids[:, None] != c_ids[None, :]) if exclude_self else keep
+
+  if not euclid:
+    def tile(rows, cols, r_ids, c_ids, keep):
+      s = kernels.score(prep(rows), prep(cols), metric, precision=precision)
+      key = search._keys(s, metric, keep_of(keep, r_ids, c_ids))
+      return key, key
+
+    return _scan(x, tile, k, (), **opts)
+
+  # Euclidean: as `search.topk_prepared`, (1) each device's k + TOPK_EXTRA best by the
+  # expansion, recomputed directly; (2) where the bound leaves a row outside them within
+  # reach of the k-th distance, a second pass over the tiles recomputing every pair in
+  # reach. Keys are negated squared distances.
+  d = x.shape[1]
+  acc = kernels.accum_dtype(x.dtype)
+  width = min(k + refine.TOPK_EXTRA, x.shape[0])
+  aux = prep(x).aux
+  aux_max = jnp.max(jnp.where(jnp.isfinite(aux), aux, 0.0))
+
+  def expansion(rows, cols, r_ids, c_ids, keep):
+    s = kernels.score(prep(rows), prep(cols), "sq_euclidean", precision=precision)
+    key = search._keys(s, metric, keep_of(keep, r_ids, c_ids))
+    return key, key
+
+  def exact_candidates(hat, hat_ids):
+    worst = hat[:, -1]
+
+    # Refined in place, block by block: each block's candidates are read from the carry
+    # just before they are overwritten, so no second (n, width) pair is held. Row blocks
+    # are sliced in place (`pad_tail=False`, no padded copy of `x`); the shifted last
+    # block refines some rows again, which leaves them as they are.
+    def refine_rows(out, rows, start, valid):
+      del valid
+      hat_b, ids_b = (lax.dynamic_slice_in_dim(v, start, rows.shape[0]) for v in out)
+      new = search._refine_candidates(rows, hat_b, ids_b, x, shift, None, raw=True)
+      return tuple(lax.dynamic_update_slice_in_dim(o, v, start, 0)
+                   for o, v in zip(out, new, strict=True))
+
+    qr = max(8, defaults.stats_tile() // (width * d))
+    best, ids = blockscan.block_scan(refine_rows, (hat, hat_ids), x, block_size=qr,
+                                     pad_tail=False, remat=False)
+    # Every row this device scored for row i outside its candidates has an expansion
+    # >= the worst candidate's, hence a squared distance >= `floor`.
+    err = refine.error_bound(aux, aux_max[None], d, x.dtype)[:, 0]
+    floor = jnp.where(worst > -jnp.inf, -worst - err, jnp.inf)
+    return best, ids, floor
+
+  best, ids, floor = _scan(x, expansion, width, (), finish=exact_candidates, **opts)
+  best, ids = best[:, :k], ids[:, :k]
+  kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
+  open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0)
+
+  def second(_):
+    def tile(rows, cols, r_ids, c_ids, keep, kth, open_):
+      rp, cp = prep(rows), prep(cols)
+      s = kernels.score(rp, cp, "sq_euclidean", precision=precision)
+      reach = s - refine.error_bound(rp.aux, cp.aux, d, x.dtype)
+      keep = keep_of(keep, r_ids, c_ids)
+      row_maybe = keep & open_[r_ids][:, None] & (reach <= kth[r_ids][:, None])
+      col_maybe = keep & open_[c_ids][None, :] & (reach <= kth[c_ids][None, :])
+      s = refine.refine_where(s, row_maybe | col_maybe,
+                              lambda r, c: refine.direct_sq(rows[r], cols[c], acc))
+      return jnp.where(row_maybe, -s, -jnp.inf), jnp.where(col_maybe, -s, -jnp.inf)
+
+    again, again_ids = _scan(x, tile, k, (kth, open_), **opts)
+    keep = open_[:, None]
+    return jnp.where(keep, again, best), jnp.where(keep, again_ids, ids)
+
+  best, ids = lax.cond(jnp.any(open_), second, lambda _: (best, ids), None)
+  dist = -best
+  if metric == "euclidean":
+    dist = kernels.safe_sqrt(dist)
+  lowest = jnp.finfo(acc).min
+  # As `search.topk_prepared`: non-finite distances rank last, reported as the largest
+  # finite value; abs turns the -0.0 of a negated zero key into 0.0.
+  return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), ids
+
+
+def knn_graph(scores: ArrayLike, indices: ArrayLike, *, n_cols: int | None = None,
+              mode: str = "connectivity", format: str = "bcoo"):
+  """A top-k result as a sparse `(n, n_cols)` matrix, as scikit-learn's
+  `kneighbors_graph` returns it.
+
+  Row `i` holds an entry at column `indices[i, j]` for each of its `k` neighbours:
+  1.0 (`mode="connectivity"`) or `scores[i, j]` (`mode="distance"`; the metric's own
+  units, so distances for `"euclidean"` as in scikit-learn, similarities otherwise).
+  An entry of 0 (a duplicate row at distance 0) is stored explicitly, as scikit-learn
+  stores it. `jaxsim.topk(x, None, k, metric="euclidean", exclude_self=True)` followed
+  by `knn_graph(..., mode="distance", format="csr")` is
+  `sklearn.neighbors.kneighbors_graph(x, k, mode="distance")`.
+
+  Args:
+    scores: `(n, k)` scores, as `jaxsim.topk` returns them.
+    indices: `(n, k)` integer column ids in `[0, n_cols)`.
+    n_cols: the number of columns (corpus rows); default `n`, the graph of one set.
+    mode: `"connectivity"` (ones) or `"distance"` (the scores).
+    format: `"bcoo"` for a `jax.experimental.sparse.BCOO`, `"csr"` for a
+      `scipy.sparse.csr_matrix` (scipy needed; each row's entries in neighbour order,
+      best first, as scikit-learn's).
+
+  Returns:
+    The `(n, n_cols)` sparse matrix of `n * k` entries, in the scores' dtype.
+
+  Raises:
+    ValueError: shapes that differ or are not 2-D, an unknown `mode` or `format`,
+      indices outside `[0, n_cols)` (checked for concrete arrays).
+    TypeError: non-integer `indices`.
+    ImportError: `format="csr"` without scipy.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxsim
+    >>> x = jnp.array([[0.], [1.], [3.]])
+    >>> dist, idx = jaxsim.topk(x, None, 1, metric="euclidean", exclude_self=True)
+    >>> jaxsim.knn_graph(dist, idx, mode="distance").todense()
+    Array([[0., 1., 0.],
+           [1., 0., 0.],
+           [0., 2., 0.]], dtype=float32)
+  """
+  from jax.experimental import sparse
+
+  if mode not in ("connectivity", "distance"):
+    raise ValueError(f"`mode` must be 'connectivity' or 'distance', got {mode!r}.")
+  if format not in ("bcoo", "csr"):
+    raise ValueError(f"`format` must be 'bcoo' or 'csr', got {format!r}.")
+  scores = jnp.asarray(validation.as_float_array(scores, "scores"))
+  indices = jnp.asarray(indices) if not isinstance(indices, jax.Array) else indices
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise TypeError(f"`indices` must be integers, got dtype {indices.dtype}.")
+  if scores.ndim != 2 or scores.shape != indices.shape:
+    raise ValueError("`scores` and `indices` must be 2-D arrays of one shape (n, k), got "
+                     f"scores.shape={scores.shape} and indices.shape={indices.shape}.")
+  n, k = indices.shape
+  n_cols = n if n_cols is None else validation.check_positive_int(n_cols, "n_cols")
+  if not isinstance(indices, jax.core.Tracer) and indices.size:
+    lo, hi = int(jnp.min(indices)), int(jnp.max(indices))
+    if lo < 0 or hi >= n_cols:
+      raise ValueError(f"`indices` must lie in [0, n_cols={n_cols}), got values in "
+                       f"[{lo}, {hi}] (indices.shape={indices.shape}).")
+  data = jnp.ones_like(scores) if mode == "connectivity" else scores
+  if format == "csr":
+    try:
+      import scipy.sparse
+    except ImportError as err:
+      raise ImportError("`format='csr'` needs scipy: pip install scipy.") from err
+    return scipy.sparse.csr_matrix(
+        (np.asarray(data).ravel(), np.asarray(indices).ravel(), np.arange(0, n * k + 1, k)),
+        shape=(n, n_cols))
+  rows = jnp.broadcast_to(jnp.arange(n, dtype=indices.dtype)[:, None], (n, k))
+  coords = jnp.stack([rows.ravel(), indices.ravel()], axis=1)
+  return sparse.BCOO((data.ravel(), coords), shape=(n, n_cols), unique_indices=True)
