@@ -69,17 +69,24 @@ class Defaults:
     stats_tile: scores per tile of `jaxsim.pairs_above` and `jaxsim.similarity_stats`.
     attention_tile: logits per head that a blocked-attention query block should
       fill, `query_block x block_size`; 0 keeps the query block equal to `block_size`.
+    stats_block: `y` rows per block of `jaxsim.pairs_above(x, y)` and
+      `jaxsim.similarity_stats(x, y)`, at most about (equal blocks).
+    triangle_block: rows per block of the square tiles that `pairs_above(x)` and
+      `similarity_stats(x)` walk for a set against itself, at most about.
   """
 
   corpus_block: int
   topk_tile: int
   stats_tile: int
   attention_tile: int
+  stats_block: int
+  triangle_block: int
 
 
-_CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0)
+_CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0,
+                stats_block=1024, triangle_block=1024)
 _ACCELERATOR = Defaults(corpus_block=16384, topk_tile=1 << 26, stats_tile=1 << 24,
-                        attention_tile=1 << 20)
+                        attention_tile=1 << 20, stats_block=16384, triangle_block=4096)
 BACKENDS: dict[str, Defaults] = {"cpu": _CPU, "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
 
 
@@ -107,6 +114,16 @@ def topk_tile() -> int:
 def stats_tile() -> int:
   """Scores per tile of `jaxsim.pairs_above` and `jaxsim.similarity_stats`."""
   return for_backend().stats_tile
+
+
+def stats_block() -> int:
+  """`y` rows per block of `jaxsim.pairs_above(x, y)` / `jaxsim.similarity_stats(x, y)`."""
+  return for_backend().stats_block
+
+
+def triangle_block() -> int:
+  """Rows per block of the square tiles of `pairs_above(x)` / `similarity_stats(x)`."""
+  return for_backend().triangle_block
 
 
 def attention_query_block(block_size: int) -> int:
