@@ -19,7 +19,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, distributed, kernels, refine, sharding, stats, validation
+from jaxsim._src import (
+    blockscan,
+    defaults,
+    distributed,
+    kernels,
+    refine,
+    sharding,
+    stats,
+    validation,
+)
 
 _INT32_MAX = 2**31 - 1
 
@@ -183,75 +192,52 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   return found
 
 
+def _empty(max_pairs: int, dtype) -> _Found:
+  return _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
+                jnp.full((max_pairs,), _INT32_MAX, jnp.int32), jnp.zeros((max_pairs,), dtype),
+                jnp.int32(0), jnp.int32(-1), stats.wide_zeros())
+
+
+def _tile_pairs(found, rows, cols, raw_rows, raw_cols, ids, col_ids, ok, threshold, limit, *,
+                metric, max_pairs, precision):
+  """Counts a tile's qualifying pairs (`ok` masks the pairs considered) and inserts them,
+  unless the buffer is full and every row here comes after the pairs it holds."""
+  acc = found.scores.dtype
+  if metric in kernels.DISTANCES:
+    exact = lambda r, c: refine.direct_sq(raw_rows[r], raw_cols[c], acc)
+    s = kernels.score(rows, cols, "sq_euclidean", precision=precision)
+    # Pairs the expansion cannot place on a side of the threshold: decide them on the
+    # direct value.
+    err = refine.error_bound(rows.aux, cols.aux, raw_rows.shape[1], raw_rows.dtype)
+    s = refine.refine_where(s, ok & (jnp.abs(s - limit) <= err), exact)
+    hit = ok & (s <= limit)
+    if metric == "euclidean":
+      exact = lambda r, c: kernels.safe_sqrt(refine.direct_sq(raw_rows[r], raw_cols[c], acc))
+  else:
+    exact = None
+    s = kernels.score(rows, cols, metric, precision=precision)
+    hit = ok & (s >= threshold)
+  total = jnp.sum(hit, dtype=jnp.int32)
+  counted = found._replace(count=stats.wide_add(found.count, total))
+  later = (found.filled >= max_pairs) & (ids[0] > found.last_row)
+  return lax.cond((total > 0) & ~later,
+                  lambda f: _insert(f, hit, s, ids, col_ids, max_pairs, exact),
+                  lambda f: f, counted)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "metric", "max_pairs", "block_size", "query_block_size", "mesh", "precision", "bound"))
 def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, mesh, precision,
            bound):
-  within = y is None
-  corpus = x if within else y
-  n, m, d = x.shape[0], corpus.shape[0], x.shape[1]
-  euclid = metric in kernels.DISTANCES
-  acc = kernels.accum_dtype(x.dtype)
-  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
-  qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
-  prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
   # Distances are compared squared; a negative distance threshold passes no pair.
   limit = (jnp.where(threshold >= 0, threshold * threshold, -1.0)
            if metric == "euclidean" else threshold)
-
-  def local(shard, offset, x, shift, threshold, limit):
-    # Rows outer, columns inner: once the buffer is full, later row blocks can only
-    # hold later pairs, so they are counted without being extracted. Both sides are
-    # prepared a block at a time, inside the loops: no prepared copy of either exists.
-    init = _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
-                  jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
-                  jnp.zeros((max_pairs,), acc), jnp.int32(0),
-                  jnp.int32(-1), stats.wide_zeros())
-
-    def row_step(found, qrows, qstart, qvalid):
-      qp = prep(qrows, shift)
-      ids = qstart + jnp.arange(qrows.shape[0], dtype=jnp.int32)
-      row_ok = qvalid & (ids < n)
-
-      def col_step(found, block, start, valid):
-        bp = prep(block, shift)
-        cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
-        ok = row_ok[:, None] & (valid & (cols < m))[None, :]
-        if within:
-          ok &= ids[:, None] < cols[None, :]
-
-        def tile(found):
-          if euclid:
-            exact = lambda r, c: refine.direct_sq(qrows[r], block[c], acc)
-            s = kernels.score(qp, bp, "sq_euclidean", precision=precision)
-            # Pairs the expansion cannot place on a side of the threshold: decide them
-            # on the direct value.
-            err = refine.error_bound(qp.aux, bp.aux, d, x.dtype)
-            s = refine.refine_where(s, ok & (jnp.abs(s - limit) <= err), exact)
-            hit = ok & (s <= limit)
-            if metric == "euclidean":
-              exact = lambda r, c: kernels.safe_sqrt(refine.direct_sq(qrows[r], block[c], acc))
-          else:
-            exact = None
-            s = kernels.score(qp, bp, metric, precision=precision)
-            hit = ok & (s >= threshold)
-          total = jnp.sum(hit, dtype=jnp.int32)
-          counted = found._replace(count=stats.wide_add(found.count, total))
-          later = (found.filled >= max_pairs) & (ids[0] > found.last_row)
-          return lax.cond((total > 0) & ~later,
-                          lambda f: _insert(f, hit, s, ids, cols, max_pairs, exact),
-                          lambda f: f, counted)
-
-        if not within:
-          return tile(found)
-        upper = ids[0] < offset + start + block.shape[0] - 1
-        return lax.cond(upper, tile, lambda f: f, found)
-
-      return blockscan.block_scan(col_step, found, shard, block_size=nb, pad_tail=False)
-
-    return blockscan.block_scan(row_step, init, x, block_size=qb, pad_tail=False)
-
-  parts = sharding.map_shards(local, corpus, x, shift, threshold, limit, mesh=mesh)
+  options = dict(metric=metric, max_pairs=max_pairs, precision=precision)
+  if y is None:
+    parts = _triangle(x, threshold, limit, block_size=block_size, mesh=mesh, **options)
+  else:
+    parts = _cross(x, y, threshold, limit, block_size=block_size,
+                   query_block_size=query_block_size, mesh=mesh, **options)
   rows, cols, scores = parts.rows.reshape(-1), parts.cols.reshape(-1), parts.scores.reshape(-1)
   rows, cols, scores = _sort_pairs(rows, cols, scores)
   rows, cols, scores = rows[:max_pairs], cols[:max_pairs], scores[:max_pairs]
@@ -263,3 +249,67 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
                scores=jnp.where(held, scores, 0.0).astype(x.dtype),
                count=stats.wide_result(count, bound),
                overflowed=stats.wide_greater(count, max_pairs))
+
+
+def _triangle(x, threshold, limit, *, metric, max_pairs, block_size, mesh, precision):
+  """Per-device buffers of the pairs `i < j` of `x`, from the tiles `i <= j` of
+  `blockscan.triangle_scan`: every device holds all rows and walks its share of the
+  tiles (`sharding.map_devices`), each holding the first `max_pairs` of its pairs."""
+  b = stats.triangle_block(x.shape[0], block_size)
+  euclid = metric in kernels.DISTANCES
+  acc = kernels.accum_dtype(x.dtype)
+  # The whole set is one corpus: every device computes the same shift from all rows.
+  shift = kernels.centre(x) if euclid else jnp.zeros((1, 1), acc)
+
+  def local(index, count, x, shift, threshold, limit):
+    def step(found, r, c, r_start, c_start, r_valid, c_valid):
+      # Each block is prepared where it is used: no prepared copy of `x` exists.
+      prep = lambda rows: kernels.prepare(rows, metric, shift=shift if euclid else None)
+      ids = r_start + jnp.arange(b, dtype=jnp.int32)
+      cols = c_start + jnp.arange(b, dtype=jnp.int32)
+      # Only the diagonal tile holds pairs i >= j; off it, every row precedes every column.
+      upper = (ids[:, None] < cols[None, :]) | (r_start != c_start)
+      ok = r_valid[:, None] & c_valid[None, :] & upper
+      return _tile_pairs(found, prep(r), prep(c), r, c, ids, cols, ok, threshold, limit,
+                         metric=metric, max_pairs=max_pairs, precision=precision)
+
+    return blockscan.triangle_scan(step, _empty(max_pairs, acc), x, block_size=b,
+                                   shard=(index, count), remat=False)
+
+  return sharding.map_devices(local, x, shift, threshold, limit, mesh=mesh)
+
+
+def _cross(x, y, threshold, limit, *, metric, max_pairs, block_size, query_block_size, mesh,
+           precision):
+  """Per-device buffers of the pairs of `x` against `y`, the `y` rows split over the
+  devices (`sharding.map_shards`)."""
+  n, m = x.shape[0], y.shape[0]
+  euclid = metric in kernels.DISTANCES
+  acc = kernels.accum_dtype(x.dtype)
+  shift = kernels.centre(y, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
+  qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size,
+                            block=defaults.stats_block())
+  prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
+
+  def local(shard, offset, x, shift, threshold, limit):
+    # Rows outer, columns inner: once the buffer is full, later row blocks can only
+    # hold later pairs, so they are counted without being extracted. Both sides are
+    # prepared a block at a time, inside the loops: no prepared copy of either exists.
+    def row_step(found, qrows, qstart, qvalid):
+      qp = prep(qrows, shift)
+      ids = qstart + jnp.arange(qrows.shape[0], dtype=jnp.int32)
+      row_ok = qvalid & (ids < n)
+
+      def col_step(found, block, start, valid):
+        cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
+        ok = row_ok[:, None] & (valid & (cols < m))[None, :]
+        return _tile_pairs(found, qp, prep(block, shift), qrows, block, ids, cols, ok,
+                           threshold, limit, metric=metric, max_pairs=max_pairs,
+                           precision=precision)
+
+      return blockscan.block_scan(col_step, found, shard, block_size=nb, pad_tail=False)
+
+    return blockscan.block_scan(row_step, _empty(max_pairs, acc), x, block_size=qb,
+                                pad_tail=False)
+
+  return sharding.map_shards(local, y, x, shift, threshold, limit, mesh=mesh)
