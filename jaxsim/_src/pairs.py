@@ -1,10 +1,13 @@
 """All pairs whose score passes a threshold, in fixed-capacity arrays (`pairs_above`).
 
-A client of `blockscan`: the `x` rows are walked in blocks (outer) and the corpus in
-blocks (inner), each tile of scores is compared with the threshold as soon as it is
-computed, and its qualifying pairs are inserted into buffers that keep the first
-`max_pairs` pairs in row-major order, so the full `n x m` matrix is never built. With
-`mesh=` the corpus is split across devices by `sharding.map_shards` and the
+A client of `blockscan`: with `y` given, the `x` rows are walked in blocks (outer) and
+the corpus in blocks (inner); with `y=None`, `triangle_scan` walks the square tiles
+`(i, j)`, `i <= j`, of `x` against itself, so the tiles below the diagonal are never
+computed. Each tile of scores is compared with the threshold as soon as it is computed,
+and its qualifying pairs are inserted into buffers that keep the first `max_pairs`
+pairs in row-major order, so the full `n x m` matrix is never built. With `mesh=` the
+corpus is split across devices by `sharding.map_shards` (with `y=None`: every device
+holds all rows and walks its share of the tiles, `sharding.map_devices`) and the
 per-device pair lists merged.
 """
 
@@ -113,8 +116,11 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   For similarity metrics (`"dot"`, `"cosine"`, `"scaled_dot"`) a pair qualifies when
   :math:`s(x_i, y_j) \ge \text{threshold}`; for the distance metrics
   (`"sq_euclidean"`, `"euclidean"`) when :math:`d(x_i, y_j) \le \text{threshold}`.
-  With `y=None` only the pairs :math:`i < j` of `x` are considered (each unordered
-  pair once, never `(i, i)`). Near-duplicate detection, graph construction for
+  With `y=None` only the pairs :math:`i < j` of `x` are considered: each unordered
+  pair once, as `(i, j)` with `i < j`, never `(j, i)` and never `(i, i)` (the pairs
+  of `pairs_above(x, x)` with `rows < cols`). They come from the tiles `i <= j` of
+  square `block_size` blocks: the tiles below the diagonal are not computed, and only
+  the diagonal tiles are masked. Near-duplicate detection, graph construction for
   community detection.
 
   Pairs are returned in row-major order (by row, then column), the same for every
@@ -122,7 +128,7 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   `max_pairs` in that order are kept, `count` still holds the true total,
   `overflowed` is True, and (outside `jit`) a `RuntimeWarning` is raised: increase
   `max_pairs` or the threshold. Tiles without a qualifying pair cost one matmul and
-  one count; with `y=None` tiles below the diagonal are skipped.
+  one count.
 
   Args:
     x: `(n, d)` rows.
@@ -132,13 +138,17 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
       number of pairs there are.
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
       `"euclidean"`.
-    block_size: corpus (`y`) rows per block; default: equal blocks of at most about
-      4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
-    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
-      2**24 on GPU and TPU).
-    mesh: a `jax.sharding.Mesh`; the `y` rows are split across its devices and the
-      per-device pair lists merged in row-major order (the same pairs and count as
-      the single-device call).
+    block_size: corpus (`y`) rows per block; with `y=None` the rows per side of the
+      square tiles. Default: equal blocks of at most about `defaults.stats_block()`
+      rows (1024 on CPU, 16384 on GPU and TPU), with `y=None` about
+      `defaults.triangle_block()` (1024 on CPU, 4096 on GPU and TPU; see
+      `jaxsim._src.defaults`).
+    query_block_size: `x` rows per tile (`y` given only); default keeps a tile at
+      2**20 scores (4 MiB; 2**24 on GPU and TPU).
+    mesh: a `jax.sharding.Mesh`; the `y` rows are split across its devices (with
+      `y=None` every device holds all of `x` and computes its share of the tiles),
+      and the per-device pair lists merged in row-major order (the same pairs and
+      count as the single-device call).
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:

@@ -213,8 +213,8 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
                      precision=None) -> SimilarityStats:
   r"""Count, mean, spread, extremes and histogram of the scores of all pairs.
 
-  Streams (query block x corpus block) tiles through `block_scan`, so memory stays
-  O(tile) for any number of pairs: the analysis of a whole embedding table's
+  Streams tiles of scores through `blockscan`, so memory stays O(tile) for any number
+  of pairs: the analysis of a whole embedding table's
   similarity structure, e.g. the share of non-negative cosine among all 30,522^2
   token pairs of a vocabulary, against a random table of the same shape.
 
@@ -222,8 +222,14 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
 
   with :math:`P` all pairs :math:`(i, j)` when `y` is given, and the pairs
   :math:`i < j` (:math:`i \le j` with `exclude_diagonal=False`) when `y` is None.
-  Every metric here is symmetric, so :math:`i < j` covers each unordered pair once at
-  half the cost.
+  Every metric here is symmetric, so :math:`i < j` covers each unordered pair once:
+  `similarity_stats(x)` counts :math:`n(n-1)/2` pairs (:math:`n(n+1)/2` with the
+  diagonal), while `similarity_stats(x, x)` counts every ordered pair, :math:`n^2`,
+  i.e. each unordered pair twice plus the diagonal once, with the same mean over the
+  off-diagonal pairs. `y=None` is computed from one triangle: `triangle_scan` walks
+  square tiles of `block_size` rows, the tiles :math:`(I, J)`, :math:`I \le J`, only,
+  so the work below the diagonal is skipped, not computed and masked; only the
+  diagonal tiles (and those of a shorter last block) are masked.
 
   Args:
     x: `(n, d)` rows.
@@ -237,12 +243,16 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
       compiled program). Checked in the accumulation dtype: finite, `lo < hi`, a
       width that does not overflow and `bins` distinct edges.
     exclude_diagonal: `y=None` only: leave out the self pairs `(i, i)`.
-    block_size: corpus (`y`) rows per block; default: equal blocks of at most about
-      4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
-    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
-      2**24 on GPU and TPU).
+    block_size: corpus (`y`) rows per block; with `y=None` the rows per side of the
+      square tiles. Default: equal blocks of at most about `defaults.stats_block()`
+      rows (1024 on CPU, 16384 on GPU and TPU), with `y=None` about
+      `defaults.triangle_block()` (1024 on CPU, 4096 on GPU and TPU; see
+      `jaxsim._src.defaults`).
+    query_block_size: `x` rows per tile (`y` given only); default keeps a tile at
+      2**20 scores (4 MiB; 2**24 on GPU and TPU).
     mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices
-      (see `jaxsim.shard_rows` for rows spread over processes). `count` is the same
+      (see `jaxsim.shard_rows` for rows spread over processes); with `y=None` every
+      device holds all of `x` and computes its share of the tiles. `count` is the same
       exactly; the other fields agree with the single-device call to float32 rounding
       of the scores and of the merge order (bit for bit when every score is exact,
       e.g. small integers).
