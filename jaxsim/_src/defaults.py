@@ -8,7 +8,7 @@ memory for speed, and the right trade depends on the device:
 
 | backend | corpus block | top-k tile | stats tile | stats block | triangle | attention |
 | --- | --- | --- | --- | --- | --- | --- |
-| `cpu`, unknown | ~4096 | 2**21 (8 MiB) | 2**20 (4 MiB) | ~1024 | ~1024 | `block_size` |
+| `cpu`, unknown | ~4096 | 2**21 (8 MiB) | 2**20 (4 MiB) | ~1024 | ~512 | `block_size` |
 | `gpu`, `tpu` | ~16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | ~16384 | ~4096 | 2**20 logits |
 
 Blocks in rows, tiles in scores (float32 sizes in brackets), "attention" the query
@@ -46,9 +46,12 @@ Why these numbers:
   141), tiles of 512 x 1024 and of 1024 or more rows run at 180-205 GFLOP/s, near the
   2 cores' matmul rate (about 205-210 when the output does not page-fault). The
   statistics and pairs therefore take 1024 x 1024 tiles (block 1024, tile 2**20, 4
-  MiB: small enough for the few temporaries of a tile to stay in cache) and square
-  triangle tiles of 1024 rows (512 and 1024 measured alike; 1024 halves the tile
-  count, and with it the per-tile overhead, of the merge and the masked diagonal).
+  MiB: small enough for the few temporaries of a tile to stay in cache). The square
+  triangle tiles take 512 rows, from `--only triangle_step` (n = 8192, the same run
+  of the same CPU, `similarity_stats(x, block_size=b)` against XLA's `x @ x.T`): b =
+  256: 1.43x, 512: 1.66x, 1024: 1.39x, 2048: 1.04x (the triangle's matmul alone,
+  with a sum per tile: 2.36x, 2.78x, 2.42x, 2.15x). Smaller tiles waste less on the
+  masked diagonal; below 512 rows the matmul itself slows down.
 - GPU and TPU: every block is one step of a `lax.scan`, which costs a few kernel
   launches (GPU) or a loop iteration (TPU) whatever its size, and a matmul only
   reaches the tensor cores' / MXU's rate when it is large. A 4096 x 16384 tile at
@@ -115,7 +118,7 @@ class Defaults:
 
 
 _CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0,
-                stats_block=1024, triangle_block=1024)
+                stats_block=1024, triangle_block=512)
 _ACCELERATOR = Defaults(corpus_block=16384, topk_tile=1 << 26, stats_tile=1 << 24,
                         attention_tile=1 << 20, stats_block=16384, triangle_block=4096)
 BACKENDS: dict[str, Defaults] = {"cpu": _CPU, "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}

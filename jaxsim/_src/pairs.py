@@ -141,7 +141,7 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     block_size: corpus (`y`) rows per block; with `y=None` the rows per side of the
       square tiles. Default: equal blocks of at most about `defaults.stats_block()`
       rows (1024 on CPU, 16384 on GPU and TPU), with `y=None` about
-      `defaults.triangle_block()` (1024 on CPU, 4096 on GPU and TPU; see
+      `defaults.triangle_block()` (512 on CPU, 4096 on GPU and TPU; see
       `jaxsim._src.defaults`).
     query_block_size: `x` rows per tile (`y` given only); default keeps a tile at
       2**20 scores (4 MiB; 2**24 on GPU and TPU).
