@@ -194,3 +194,13 @@ def test_half_precision_attention_accumulates_in_float32(block_size):
   q = jnp.ones((1, 256, 2, 32), jnp.bfloat16)
   fn = lambda q: jaxsim.attention(q, q, q, block_size=block_size)
   _check_matmuls(jax.make_jaxpr(fn)(q).jaxpr, jnp.bfloat16, f"attention {block_size}")
+
+
+def test_stats_and_triangle_blocks_come_from_the_cpu_sweep():
+  # experiments/tiles.py: 1024 x 1024 tiles for the cross statistics and pairs, square
+  # triangle tiles of 512 rows; larger on accelerators, a triangle tile of the stats tile.
+  cpu, acc = defaults.for_backend("cpu"), defaults.for_backend("gpu")
+  assert (cpu.stats_block, cpu.triangle_block) == (1024, 512)
+  assert stats.tile_sizes(2**17, 2**17, None, None, block=cpu.stats_block) == (1024, 1024)
+  assert acc.stats_block >= cpu.stats_block and acc.triangle_block**2 == acc.stats_tile
+  assert stats.triangle_block(5000, None) == 504 and stats.triangle_block(300, None) == 300

@@ -23,6 +23,7 @@ from experiments import (
   scaling,
   search_bench,
   seed_table,
+  tiles,
 )
 from experiments.harness import Benchmark, Candidate, Grid, Study, Target
 from tests import reference
@@ -255,6 +256,28 @@ def test_embedding_stats_check_catches_wrong_statistics(monkeypatch):
   table = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
   res = embedding_stats.check(table, bins=10, rng=np.random.default_rng(0))
   assert not res["passed"] and not res["ok"]["mean"] and res["ok"]["count"]
+
+
+def test_tiles(results):
+  p = _run(tiles, results, *TINY, "--grid", "n=64", "--grid", "rows=16,32", "--grid", "cols=32",
+           "--grid", "b=16")
+  assert p["checks_passed"]
+  sweep = p["benchmarks"]["tile_matmul"]["rows"]
+  assert {(r["rows"], r["cols"]) for r in sweep} == {(16, 32), (32, 32)}
+  for r in sweep:
+    assert r["rate"] == pytest.approx(2 * 64**2 * tiles.D / 1e9 / r["median_s"])
+  assert set(_ok(p, "triangle_step")) == {tiles.TRI_MATMUL, tiles.TRI_STATS, tiles.RAW}
+  assert set(_ok(p, "self_stats")) == {tiles.TRIANGLE, tiles.TWO_SIDED, tiles.RAW, tiles.NUMPY}
+  assert all(r["error"] <= 1e-6 for r in _ok(p, "self_stats").values())
+
+
+def test_tiles_references_agree_with_the_full_matrix():
+  x = np.random.default_rng(4).standard_normal((50, 7)).astype(np.float32)
+  m = reference.dot(x, x)
+  want = m[np.triu_indices(50, 1)].mean()
+  assert tiles.pair_mean(x) == pytest.approx(want, abs=1e-12)
+  assert tiles.matrix_pair_mean(m) == pytest.approx(want, abs=1e-12)
+  np.testing.assert_allclose(tiles.tiled_row_sums(16, 25)(x), m.sum(1), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_demo(results):

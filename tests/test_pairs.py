@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 import jaxsim
 from jaxsim._src import pairs
 from tests import reference
+from tests.test_stats import scores_computed
 
 
 def _data(seed, *shapes, dtype=np.float32):
@@ -45,7 +46,7 @@ def _ref_pairs(x, y, metric, share):
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 @pytest.mark.parametrize("within", [True, False])
-@pytest.mark.parametrize("block_size,query_block_size", [(None, None), (7, 5), (64, 32)])
+@pytest.mark.parametrize("block_size,query_block_size", [(None, None), (7, 5), (45, 32)])
 def test_pairs_above_matches_brute_force(metric, within, block_size, query_block_size):
   x, y = _data(20, (90, 6), (70, 6))
   y = None if within else y
@@ -104,8 +105,9 @@ def test_pairs_above_finds_duplicates(metric, threshold):
 
 @pytest.mark.parametrize("within", [True, False])
 def test_pairs_above_mesh_identical_to_single_device(within):
+  # Within: 203 rows in blocks of 16, 91 tiles over 8 devices (5 padding tiles).
   x, y = _ints(24, (45, 5), (203, 5))
-  y = None if within else y
+  x, y = (y, None) if within else (x, y)
   kwargs = dict(threshold=2.0, metric="dot", block_size=16)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # small capacity on purpose
@@ -201,3 +203,63 @@ def test_new_thresholds_reuse_the_compiled_program():
   for t in (0.8, 0.7, 1):
     jaxsim.pairs_above(x, threshold=t, max_pairs=2**20)
   assert pairs._pairs._cache_size() == before
+
+
+# --- One triangle for y=None (issue 15) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["scaled_dot", "sq_euclidean"])
+@pytest.mark.parametrize("block_size", [None, 30, 64])
+def test_triangle_pairs_match_brute_force(metric, block_size):
+  # The metrics the test above leaves out; 90 rows: one block, three that divide them,
+  # two that do not.
+  (x,) = _data(60, (90, 6))
+  threshold, (rows, cols, vals) = _ref_pairs(x, None, metric, 0.05)
+  got = jaxsim.pairs_above(x, threshold=threshold, max_pairs=1000, metric=metric,
+                           block_size=block_size)
+  c = len(rows)
+  assert int(got.count) == c and 10 < c < 1000
+  np.testing.assert_array_equal(got.rows[:c], rows)
+  np.testing.assert_array_equal(got.cols[:c], cols)
+  np.testing.assert_allclose(got.scores[:c], vals, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [None, 13])
+def test_triangle_pairs_are_the_two_sided_pairs_with_row_below_col(block_size):
+  # Every unordered pair once, as (i, j) with i < j; the two-sided call lists both
+  # orders and the self pairs (i, i), whose dot is >= the threshold for these rows.
+  x, = _ints(61, (70, 5), values=(0, 1, 2))
+  one = jaxsim.pairs_above(x, threshold=4.0, max_pairs=5000, metric="dot",
+                           block_size=block_size)
+  both = jaxsim.pairs_above(x, x, threshold=4.0, max_pairs=5000, metric="dot",
+                            block_size=block_size)
+  c, cb = int(one.count), int(both.count)
+  r, k = np.asarray(both.rows[:cb]), np.asarray(both.cols[:cb])
+  upper = r < k
+  np.testing.assert_array_equal(one.rows[:c], r[upper])
+  np.testing.assert_array_equal(one.cols[:c], k[upper])
+  np.testing.assert_array_equal(one.scores[:c], np.asarray(both.scores[:cb])[upper])
+  self_pairs = int(np.sum(np.sum(x.astype(np.float64) ** 2, axis=1) >= 4.0))
+  assert cb == 2 * c + self_pairs and np.all(np.asarray(one.rows[:c]) < one.cols[:c])
+
+
+@pytest.mark.parametrize("n,block_size", [(1000, 128), (1024, 256)])
+def test_triangle_pairs_compute_only_the_upper_tiles(n, block_size):
+  x = jax.ShapeDtypeStruct((n, 16), np.float32)
+  nb = -(-n // block_size)
+  one = scores_computed(lambda a: jaxsim.pairs_above(a, threshold=0.9, max_pairs=8,
+                                                     block_size=block_size), x)
+  assert one == nb * (nb + 1) // 2 * block_size**2
+  both = scores_computed(lambda a: jaxsim.pairs_above(a, a, threshold=0.9, max_pairs=8,
+                                                      block_size=block_size), x)
+  assert both >= n * n
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "scaled_dot", "sq_euclidean", "euclidean"])
+def test_triangle_pairs_memory_is_a_few_tiles(metric):
+  n, d, b = 8192, 32, 256
+  fn = jax.jit(lambda a: jaxsim.pairs_above(a, threshold=0.5, max_pairs=1024, metric=metric,
+                                            block_size=b))
+  temp = fn.lower(jax.ShapeDtypeStruct((n, d), np.float32)).compile().memory_analysis()
+  # A few (b, b) tiles and the pair buffers; the n x n scores would be 256 MiB.
+  assert temp.temp_size_in_bytes <= 16 * b * b * 4 + 64 * 1024, temp.temp_size_in_bytes

@@ -3,6 +3,7 @@
 import warnings
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,21 +76,6 @@ def test_stats_accurate_for_offset_values_over_a_million_pairs():
   assert int(got.count) == vals.size == 1500 * 1499 // 2
   np.testing.assert_allclose(got.mean, vals.mean(), rtol=2e-6)
   np.testing.assert_allclose(got.std, vals.std(), rtol=2e-5)
-
-
-def test_stats_mesh_identical_to_single_device():
-  # Small integers: every score is exact, so all fields must match bit for bit except
-  # mean and std, whose float32 merges run in a different order.
-  rng = np.random.default_rng(3)
-  x = rng.choice(np.float32([-1, 0, 1, 2]), size=(203, 5))
-  kwargs = dict(metric="dot", range=(-10.0, 10.0), bins=20, block_size=16)
-  single = jaxsim.similarity_stats(x, **kwargs)
-  sharded = jaxsim.similarity_stats(x, mesh=Mesh(np.array(jax.devices()), ("c",)), **kwargs)
-  for field in ("count", "min", "max", "share_nonnegative", "histogram", "bin_edges"):
-    np.testing.assert_array_equal(getattr(sharded, field), getattr(single, field))
-  np.testing.assert_allclose(sharded.mean, single.mean, rtol=1e-6)
-  np.testing.assert_allclose(sharded.std, single.std, rtol=1e-6)
-  _check(single, reference.pair_values(reference.dot(x, x), within=True), 20, -10.0, 10.0)
 
 
 def test_stats_under_jit():
@@ -239,3 +225,116 @@ def test_float64_inputs_raise_no_warning():
     warnings.simplefilter("error")
     got = jaxsim.similarity_stats(x.astype(np.float64), y)
   assert got.mean.dtype == jnp.float32
+
+
+# --- One triangle for y=None (issue 15) ---------------------------------------------------
+
+
+def scores_computed(fn, *args) -> int:
+  """Scores the matmuls of `fn(*args)` compute when run, from its jaxpr: each
+  `dot_general`'s output size times the trip counts of the scans around it (the larger
+  branch of a `cond`, whose branches are alternatives)."""
+
+  def walk(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        total += int(np.prod(eqn.outvars[0].aval.shape))
+      is_jaxpr = lambda v: isinstance(v, (jex.Jaxpr, jex.ClosedJaxpr))
+      subs = [walk(getattr(v, "jaxpr", v))
+              for v in jax.tree.leaves(eqn.params, is_leaf=is_jaxpr) if is_jaxpr(v)]
+      if subs:
+        inner = max(subs) if eqn.primitive.name == "cond" else sum(subs)
+        total += inner * eqn.params.get("length", 1)
+    return total
+
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+RANGES = {"cosine": None, "dot": (-8.0, 8.0), "scaled_dot": (-0.5, 0.5),
+          "sq_euclidean": (0.0, 40.0), "euclidean": (0.0, 7.0)}
+
+
+@pytest.mark.parametrize("metric,block_size,exclude_diagonal", [
+    (metric, *options) for i, metric in enumerate(RANGES)
+    for options in ([(None, True), (65, False)], [(96, True), (260, False)])[i % 2]])
+def test_triangle_matches_numpy_for_every_metric(metric, block_size, exclude_diagonal):
+  # 260 rows: one block (the default, or 260), four that divide them, three that do not
+  # (the last block shifted back over rows the block before covered).
+  (x,) = _data(50, (260, 8))
+  x[7] = x[200]  # a duplicate pair: distance exactly 0, cosine 1, across blocks
+  vals = reference.pair_values(reference.METRICS[metric](x, x), within=True,
+                               diagonal=not exclude_diagonal)
+  if metric == "cosine":
+    vals = np.clip(vals, -1.0, 1.0)
+  lo, hi = RANGES[metric] or (-1.0, 1.0)
+  got = jaxsim.similarity_stats(x, metric=metric, bins=16, range=RANGES[metric],
+                                exclude_diagonal=exclude_diagonal, block_size=block_size)
+  _check(got, vals, 16, lo, hi)
+
+
+@pytest.mark.parametrize("block_size", [None, 23])
+def test_triangle_counts_each_unordered_pair_once(block_size):
+  # Small integers: every score is exact, so the two calls must agree exactly. The
+  # two-sided call counts every ordered pair: each unordered pair twice, plus (i, i).
+  rng = np.random.default_rng(51)
+  x = rng.choice(np.float32([-2, -1, 0, 1, 3]), size=(120, 6))
+  # Edges at half-integers: no score lies on one.
+  kwargs = dict(metric="dot", range=(-30.5, 29.5), bins=60, block_size=block_size)
+  one = jaxsim.similarity_stats(x, **kwargs)
+  with_diagonal = jaxsim.similarity_stats(x, exclude_diagonal=False, **kwargs)
+  both = jaxsim.similarity_stats(x, x, **kwargs)
+  n = len(x)
+  assert int(one.count) == n * (n - 1) // 2 and int(with_diagonal.count) == n * (n + 1) // 2
+  assert int(both.count) == 2 * int(one.count) + n
+  diagonal, _ = np.histogram(np.sum(x.astype(np.float64) ** 2, axis=1), 60, (-30.5, 29.5))
+  np.testing.assert_array_equal(np.asarray(with_diagonal.histogram) - one.histogram, diagonal)
+  np.testing.assert_array_equal(both.histogram, 2 * np.asarray(one.histogram) + diagonal)
+  # The ordered pairs off the diagonal have the same mean as the unordered ones.
+  trace = float(np.sum(x.astype(np.float64) ** 2))
+  np.testing.assert_allclose((float(both.mean) * n * n - trace) / (n * (n - 1)), one.mean,
+                             rtol=1e-5)
+  assert float(both.min) == float(with_diagonal.min) and float(both.max) == float(
+      with_diagonal.max)
+  want, _ = np.histogram(reference.pair_values(reference.dot(x, x), within=True),
+                         np.asarray(one.bin_edges, np.float64))
+  np.testing.assert_array_equal(one.histogram, want)
+
+
+@pytest.mark.parametrize("exclude_diagonal", [True, False])
+def test_triangle_mesh_identical_to_single_device(exclude_diagonal):
+  # 203 rows in blocks of 16: 13 blocks, 91 tiles over 8 devices (5 padding tiles).
+  rng = np.random.default_rng(52)
+  x = rng.choice(np.float32([-1, 0, 1, 2]), size=(203, 5))
+  kwargs = dict(metric="dot", range=(-10.0, 10.0), bins=20, block_size=16,
+                exclude_diagonal=exclude_diagonal)
+  single = jaxsim.similarity_stats(x, **kwargs)
+  sharded = jaxsim.similarity_stats(x, mesh=Mesh(np.array(jax.devices()), ("c",)), **kwargs)
+  for field in ("count", "min", "max", "share_nonnegative", "histogram", "bin_edges"):
+    np.testing.assert_array_equal(getattr(sharded, field), getattr(single, field))
+  np.testing.assert_allclose(sharded.mean, single.mean, rtol=1e-6)
+  np.testing.assert_allclose(sharded.std, single.std, rtol=1e-6)
+  _check(single, reference.pair_values(reference.dot(x, x), within=True,
+                                       diagonal=not exclude_diagonal), 20, -10.0, 10.0)
+
+
+@pytest.mark.parametrize("n,block_size", [(1000, 128), (1024, 256)])
+def test_triangle_computes_only_the_upper_tiles(n, block_size):
+  x = jax.ShapeDtypeStruct((n, 16), jnp.float32)
+  nb = -(-n // block_size)
+  one = scores_computed(lambda a: jaxsim.similarity_stats(a, block_size=block_size), x)
+  assert one == nb * (nb + 1) // 2 * block_size**2
+  both = scores_computed(lambda a: jaxsim.similarity_stats(a, a, block_size=block_size), x)
+  # Half the products of the (padded) two-sided product, plus half the diagonal tiles.
+  assert both >= n * n and 2 * one == (nb * block_size) ** 2 + nb * block_size**2
+
+
+@pytest.mark.parametrize("metric", list(RANGES))
+def test_triangle_memory_is_a_few_tiles(metric):
+  n, d, b = 8192, 32, 256
+  spec = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  fn = jax.jit(lambda a: jaxsim.similarity_stats(a, metric=metric, range=RANGES[metric],
+                                                 block_size=b))
+  temp = fn.lower(spec).compile().memory_analysis().temp_size_in_bytes
+  # A few (b, b) tiles and a prepared copy of the rows; the n x n scores would be 256 MiB.
+  assert temp <= 16 * b * b * 4 + 2 * n * d * 4, temp

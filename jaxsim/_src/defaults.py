@@ -6,10 +6,18 @@ walk the corpus in blocks of rows and the queries in blocks that fill a *tile* o
 caller's `block_size` and query blocks of `attention_query_block`. These sizes trade
 memory for speed, and the right trade depends on the device:
 
-| backend | corpus block (rows) | top-k tile | stats / pairs tile | attention query block |
-| --- | --- | --- | --- | --- |
-| `cpu`, any unknown | about 4096 | 2**21 scores (8 MiB) | 2**20 (4 MiB) | `block_size` |
-| `gpu`, `tpu` | about 16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | fills 2**20 logits |
+| backend | corpus block | top-k tile | stats tile | stats block | triangle | attention |
+| --- | --- | --- | --- | --- | --- | --- |
+| `cpu`, unknown | ~4096 | 2**21 (8 MiB) | 2**20 (4 MiB) | ~1024 | ~512 | `block_size` |
+| `gpu`, `tpu` | ~16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | ~16384 | ~4096 | 2**20 logits |
+
+Blocks in rows, tiles in scores (float32 sizes in brackets), "attention" the query
+block of blocked attention.
+
+The stats / pairs block is the `y` block of `pairs_above(x, y)` and
+`similarity_stats(x, y)` (their query block fills the stats tile); the triangle block
+is the side of the square tiles of `pairs_above(x)` and `similarity_stats(x)`, a set
+against itself (`blockscan.triangle_scan`).
 
 Corpus blocks split the rows into equal blocks of at most about that many; query blocks
 fill the tile (float32 sizes in brackets); an attention query block on GPU and TPU
@@ -17,15 +25,41 @@ holds at least 2**20 logits a head (`attention_query_block`).
 
 Why these numbers:
 
-- CPU: the sizes the streamed reductions had before they were backend-aware, the
-  fastest tried on a 2-core CPU (`experiments/search_bench.py`), with temporaries of
-  tens of MiB.
+- CPU: the corpus block and top-k tile are the sizes the streamed reductions had before
+  they were backend-aware, the fastest tried on a 2-core CPU
+  (`experiments/search_bench.py`), with temporaries of tens of MiB. The statistics'
+  and pairs' blocks come from a measured sweep of block-matmul efficiency on the
+  2-core AMD EPYC (AVX-512), `python -m experiments.tiles --only tile_matmul`: `x @ x.T`
+  for 8192 x 384 float32 rows computed as (rows x cols) tiles, each reduced to row
+  sums, in GFLOP/s of the whole product (one run, side by side with XLA's one big
+  matmul, which ran at 111-147 GFLOP/s there because its 256 MiB output page-faults):
+
+  | rows / cols | 256 | 512 | 1024 | 2048 | 4096 |
+  | --- | --- | --- | --- | --- | --- |
+  | 256 | 160 | 162 | 161 | 154 | 141 |
+  | 512 | 150 | 184 | 194 | 179 | 159 |
+  | 1024 | 188 | 192 | 192 | 200 | 190 |
+  | 2048 | 201 | 183 | 188 | 174 | 188 |
+  | 4096 | 204 | 198 | 205 | 195 | 145 |
+
+  256-row tiles are the slowest (the 256 x 4096 tiles the statistics used before:
+  141), tiles of 512 x 1024 and of 1024 or more rows run at 180-205 GFLOP/s, near the
+  2 cores' matmul rate (about 205-210 when the output does not page-fault). The
+  statistics and pairs therefore take 1024 x 1024 tiles (block 1024, tile 2**20, 4
+  MiB: small enough for the few temporaries of a tile to stay in cache). The square
+  triangle tiles take 512 rows, from `--only triangle_step` (n = 8192, the same run
+  of the same CPU, `similarity_stats(x, block_size=b)` against XLA's `x @ x.T`): b =
+  256: 1.43x, 512: 1.66x, 1024: 1.39x, 2048: 1.04x (the triangle's matmul alone,
+  with a sum per tile: 2.36x, 2.78x, 2.42x, 2.15x). Smaller tiles waste less on the
+  masked diagonal; below 512 rows the matmul itself slows down.
 - GPU and TPU: every block is one step of a `lax.scan`, which costs a few kernel
   launches (GPU) or a loop iteration (TPU) whatever its size, and a matmul only
   reaches the tensor cores' / MXU's rate when it is large. A 4096 x 16384 tile at
   d=768 is about 0.1 TFLOP, well above the per-step overhead on an H100 or a TPU v4,
   and the temporaries (about two tiles for top-k, a few for the statistics) stay
-  under 1 GiB, small next to the 16-80 GiB of current accelerators. None of these
+  under 1 GiB, small next to the 16-80 GiB of current accelerators. The triangle's
+  square tiles of 4096 rows hold 2**24 scores, the stats tile; the cross statistics
+  keep the corpus block of 16384 rows. None of these
   accelerator sizes has been timed on a GPU or TPU yet: `python -m
   experiments.accelerator` measures them (see the README's "Accelerators").
 
@@ -69,17 +103,24 @@ class Defaults:
     stats_tile: scores per tile of `jaxsim.pairs_above` and `jaxsim.similarity_stats`.
     attention_tile: logits per head that a blocked-attention query block should
       fill, `query_block x block_size`; 0 keeps the query block equal to `block_size`.
+    stats_block: `y` rows per block of `jaxsim.pairs_above(x, y)` and
+      `jaxsim.similarity_stats(x, y)`, at most about (equal blocks).
+    triangle_block: rows per block of the square tiles that `pairs_above(x)` and
+      `similarity_stats(x)` walk for a set against itself, at most about.
   """
 
   corpus_block: int
   topk_tile: int
   stats_tile: int
   attention_tile: int
+  stats_block: int
+  triangle_block: int
 
 
-_CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0)
+_CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0,
+                stats_block=1024, triangle_block=512)
 _ACCELERATOR = Defaults(corpus_block=16384, topk_tile=1 << 26, stats_tile=1 << 24,
-                        attention_tile=1 << 20)
+                        attention_tile=1 << 20, stats_block=16384, triangle_block=4096)
 BACKENDS: dict[str, Defaults] = {"cpu": _CPU, "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
 
 
@@ -107,6 +148,16 @@ def topk_tile() -> int:
 def stats_tile() -> int:
   """Scores per tile of `jaxsim.pairs_above` and `jaxsim.similarity_stats`."""
   return for_backend().stats_tile
+
+
+def stats_block() -> int:
+  """`y` rows per block of `jaxsim.pairs_above(x, y)` / `jaxsim.similarity_stats(x, y)`."""
+  return for_backend().stats_block
+
+
+def triangle_block() -> int:
+  """Rows per block of the square tiles of `pairs_above(x)` / `similarity_stats(x)`."""
+  return for_backend().triangle_block
 
 
 def attention_query_block(block_size: int) -> int:

@@ -1,10 +1,13 @@
 """All pairs whose score passes a threshold, in fixed-capacity arrays (`pairs_above`).
 
-A client of `blockscan`: the `x` rows are walked in blocks (outer) and the corpus in
-blocks (inner), each tile of scores is compared with the threshold as soon as it is
-computed, and its qualifying pairs are inserted into buffers that keep the first
-`max_pairs` pairs in row-major order, so the full `n x m` matrix is never built. With
-`mesh=` the corpus is split across devices by `sharding.map_shards` and the
+A client of `blockscan`: with `y` given, the `x` rows are walked in blocks (outer) and
+the corpus in blocks (inner); with `y=None`, `triangle_scan` walks the square tiles
+`(i, j)`, `i <= j`, of `x` against itself, so the tiles below the diagonal are never
+computed. Each tile of scores is compared with the threshold as soon as it is computed,
+and its qualifying pairs are inserted into buffers that keep the first `max_pairs`
+pairs in row-major order, so the full `n x m` matrix is never built. With `mesh=` the
+corpus is split across devices by `sharding.map_shards` (with `y=None`: every device
+holds all rows and walks its share of the tiles, `sharding.map_devices`) and the
 per-device pair lists merged.
 """
 
@@ -19,7 +22,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, distributed, kernels, refine, sharding, stats, validation
+from jaxsim._src import (
+    blockscan,
+    defaults,
+    distributed,
+    kernels,
+    refine,
+    sharding,
+    stats,
+    validation,
+)
 
 _INT32_MAX = 2**31 - 1
 
@@ -104,8 +116,11 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   For similarity metrics (`"dot"`, `"cosine"`, `"scaled_dot"`) a pair qualifies when
   :math:`s(x_i, y_j) \ge \text{threshold}`; for the distance metrics
   (`"sq_euclidean"`, `"euclidean"`) when :math:`d(x_i, y_j) \le \text{threshold}`.
-  With `y=None` only the pairs :math:`i < j` of `x` are considered (each unordered
-  pair once, never `(i, i)`). Near-duplicate detection, graph construction for
+  With `y=None` only the pairs :math:`i < j` of `x` are considered: each unordered
+  pair once, as `(i, j)` with `i < j`, never `(j, i)` and never `(i, i)` (the pairs
+  of `pairs_above(x, x)` with `rows < cols`). They come from the tiles `i <= j` of
+  square `block_size` blocks: the tiles below the diagonal are not computed, and only
+  the diagonal tiles are masked. Near-duplicate detection, graph construction for
   community detection.
 
   Pairs are returned in row-major order (by row, then column), the same for every
@@ -113,7 +128,7 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   `max_pairs` in that order are kept, `count` still holds the true total,
   `overflowed` is True, and (outside `jit`) a `RuntimeWarning` is raised: increase
   `max_pairs` or the threshold. Tiles without a qualifying pair cost one matmul and
-  one count; with `y=None` tiles below the diagonal are skipped.
+  one count.
 
   Args:
     x: `(n, d)` rows.
@@ -123,13 +138,17 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
       number of pairs there are.
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"`, `"sq_euclidean"`,
       `"euclidean"`.
-    block_size: corpus (`y`) rows per block; default: equal blocks of at most about
-      4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
-    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
-      2**24 on GPU and TPU).
-    mesh: a `jax.sharding.Mesh`; the `y` rows are split across its devices and the
-      per-device pair lists merged in row-major order (the same pairs and count as
-      the single-device call).
+    block_size: corpus (`y`) rows per block; with `y=None` the rows per side of the
+      square tiles. Default: equal blocks of at most about `defaults.stats_block()`
+      rows (1024 on CPU, 16384 on GPU and TPU), with `y=None` about
+      `defaults.triangle_block()` (512 on CPU, 4096 on GPU and TPU; see
+      `jaxsim._src.defaults`).
+    query_block_size: `x` rows per tile (`y` given only); default keeps a tile at
+      2**20 scores (4 MiB; 2**24 on GPU and TPU).
+    mesh: a `jax.sharding.Mesh`; the `y` rows are split across its devices (with
+      `y=None` every device holds all of `x` and computes its share of the tiles),
+      and the per-device pair lists merged in row-major order (the same pairs and
+      count as the single-device call).
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
@@ -183,75 +202,52 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   return found
 
 
+def _empty(max_pairs: int, dtype) -> _Found:
+  return _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
+                jnp.full((max_pairs,), _INT32_MAX, jnp.int32), jnp.zeros((max_pairs,), dtype),
+                jnp.int32(0), jnp.int32(-1), stats.wide_zeros())
+
+
+def _tile_pairs(found, rows, cols, raw_rows, raw_cols, ids, col_ids, ok, threshold, limit, *,
+                metric, max_pairs, precision):
+  """Counts a tile's qualifying pairs (`ok` masks the pairs considered) and inserts them,
+  unless the buffer is full and every row here comes after the pairs it holds."""
+  acc = found.scores.dtype
+  if metric in kernels.DISTANCES:
+    exact = lambda r, c: refine.direct_sq(raw_rows[r], raw_cols[c], acc)
+    s = kernels.score(rows, cols, "sq_euclidean", precision=precision)
+    # Pairs the expansion cannot place on a side of the threshold: decide them on the
+    # direct value.
+    err = refine.error_bound(rows.aux, cols.aux, raw_rows.shape[1], raw_rows.dtype)
+    s = refine.refine_where(s, ok & (jnp.abs(s - limit) <= err), exact)
+    hit = ok & (s <= limit)
+    if metric == "euclidean":
+      exact = lambda r, c: kernels.safe_sqrt(refine.direct_sq(raw_rows[r], raw_cols[c], acc))
+  else:
+    exact = None
+    s = kernels.score(rows, cols, metric, precision=precision)
+    hit = ok & (s >= threshold)
+  total = jnp.sum(hit, dtype=jnp.int32)
+  counted = found._replace(count=stats.wide_add(found.count, total))
+  later = (found.filled >= max_pairs) & (ids[0] > found.last_row)
+  return lax.cond((total > 0) & ~later,
+                  lambda f: _insert(f, hit, s, ids, col_ids, max_pairs, exact),
+                  lambda f: f, counted)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "metric", "max_pairs", "block_size", "query_block_size", "mesh", "precision", "bound"))
 def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, mesh, precision,
            bound):
-  within = y is None
-  corpus = x if within else y
-  n, m, d = x.shape[0], corpus.shape[0], x.shape[1]
-  euclid = metric in kernels.DISTANCES
-  acc = kernels.accum_dtype(x.dtype)
-  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
-  qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
-  prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
   # Distances are compared squared; a negative distance threshold passes no pair.
   limit = (jnp.where(threshold >= 0, threshold * threshold, -1.0)
            if metric == "euclidean" else threshold)
-
-  def local(shard, offset, x, shift, threshold, limit):
-    # Rows outer, columns inner: once the buffer is full, later row blocks can only
-    # hold later pairs, so they are counted without being extracted. Both sides are
-    # prepared a block at a time, inside the loops: no prepared copy of either exists.
-    init = _Found(jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
-                  jnp.full((max_pairs,), _INT32_MAX, jnp.int32),
-                  jnp.zeros((max_pairs,), acc), jnp.int32(0),
-                  jnp.int32(-1), stats.wide_zeros())
-
-    def row_step(found, qrows, qstart, qvalid):
-      qp = prep(qrows, shift)
-      ids = qstart + jnp.arange(qrows.shape[0], dtype=jnp.int32)
-      row_ok = qvalid & (ids < n)
-
-      def col_step(found, block, start, valid):
-        bp = prep(block, shift)
-        cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
-        ok = row_ok[:, None] & (valid & (cols < m))[None, :]
-        if within:
-          ok &= ids[:, None] < cols[None, :]
-
-        def tile(found):
-          if euclid:
-            exact = lambda r, c: refine.direct_sq(qrows[r], block[c], acc)
-            s = kernels.score(qp, bp, "sq_euclidean", precision=precision)
-            # Pairs the expansion cannot place on a side of the threshold: decide them
-            # on the direct value.
-            err = refine.error_bound(qp.aux, bp.aux, d, x.dtype)
-            s = refine.refine_where(s, ok & (jnp.abs(s - limit) <= err), exact)
-            hit = ok & (s <= limit)
-            if metric == "euclidean":
-              exact = lambda r, c: kernels.safe_sqrt(refine.direct_sq(qrows[r], block[c], acc))
-          else:
-            exact = None
-            s = kernels.score(qp, bp, metric, precision=precision)
-            hit = ok & (s >= threshold)
-          total = jnp.sum(hit, dtype=jnp.int32)
-          counted = found._replace(count=stats.wide_add(found.count, total))
-          later = (found.filled >= max_pairs) & (ids[0] > found.last_row)
-          return lax.cond((total > 0) & ~later,
-                          lambda f: _insert(f, hit, s, ids, cols, max_pairs, exact),
-                          lambda f: f, counted)
-
-        if not within:
-          return tile(found)
-        upper = ids[0] < offset + start + block.shape[0] - 1
-        return lax.cond(upper, tile, lambda f: f, found)
-
-      return blockscan.block_scan(col_step, found, shard, block_size=nb, pad_tail=False)
-
-    return blockscan.block_scan(row_step, init, x, block_size=qb, pad_tail=False)
-
-  parts = sharding.map_shards(local, corpus, x, shift, threshold, limit, mesh=mesh)
+  options = dict(metric=metric, max_pairs=max_pairs, precision=precision)
+  if y is None:
+    parts = _triangle(x, threshold, limit, block_size=block_size, mesh=mesh, **options)
+  else:
+    parts = _cross(x, y, threshold, limit, block_size=block_size,
+                   query_block_size=query_block_size, mesh=mesh, **options)
   rows, cols, scores = parts.rows.reshape(-1), parts.cols.reshape(-1), parts.scores.reshape(-1)
   rows, cols, scores = _sort_pairs(rows, cols, scores)
   rows, cols, scores = rows[:max_pairs], cols[:max_pairs], scores[:max_pairs]
@@ -263,3 +259,67 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
                scores=jnp.where(held, scores, 0.0).astype(x.dtype),
                count=stats.wide_result(count, bound),
                overflowed=stats.wide_greater(count, max_pairs))
+
+
+def _triangle(x, threshold, limit, *, metric, max_pairs, block_size, mesh, precision):
+  """Per-device buffers of the pairs `i < j` of `x`, from the tiles `i <= j` of
+  `blockscan.triangle_scan`: every device holds all rows and walks its share of the
+  tiles (`sharding.map_devices`), each holding the first `max_pairs` of its pairs."""
+  b = stats.triangle_block(x.shape[0], block_size)
+  euclid = metric in kernels.DISTANCES
+  acc = kernels.accum_dtype(x.dtype)
+  # The whole set is one corpus: every device computes the same shift from all rows.
+  shift = kernels.centre(x) if euclid else jnp.zeros((1, 1), acc)
+
+  def local(index, count, x, shift, threshold, limit):
+    def step(found, r, c, r_start, c_start, r_valid, c_valid):
+      # Each block is prepared where it is used: no prepared copy of `x` exists.
+      prep = lambda rows: kernels.prepare(rows, metric, shift=shift if euclid else None)
+      ids = r_start + jnp.arange(b, dtype=jnp.int32)
+      cols = c_start + jnp.arange(b, dtype=jnp.int32)
+      # Only the diagonal tile holds pairs i >= j; off it, every row precedes every column.
+      upper = (ids[:, None] < cols[None, :]) | (r_start != c_start)
+      ok = r_valid[:, None] & c_valid[None, :] & upper
+      return _tile_pairs(found, prep(r), prep(c), r, c, ids, cols, ok, threshold, limit,
+                         metric=metric, max_pairs=max_pairs, precision=precision)
+
+    return blockscan.triangle_scan(step, _empty(max_pairs, acc), x, block_size=b,
+                                   shard=(index, count), remat=False)
+
+  return sharding.map_devices(local, x, shift, threshold, limit, mesh=mesh)
+
+
+def _cross(x, y, threshold, limit, *, metric, max_pairs, block_size, query_block_size, mesh,
+           precision):
+  """Per-device buffers of the pairs of `x` against `y`, the `y` rows split over the
+  devices (`sharding.map_shards`)."""
+  n, m = x.shape[0], y.shape[0]
+  euclid = metric in kernels.DISTANCES
+  acc = kernels.accum_dtype(x.dtype)
+  shift = kernels.centre(y, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
+  qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size,
+                            block=defaults.stats_block())
+  prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
+
+  def local(shard, offset, x, shift, threshold, limit):
+    # Rows outer, columns inner: once the buffer is full, later row blocks can only
+    # hold later pairs, so they are counted without being extracted. Both sides are
+    # prepared a block at a time, inside the loops: no prepared copy of either exists.
+    def row_step(found, qrows, qstart, qvalid):
+      qp = prep(qrows, shift)
+      ids = qstart + jnp.arange(qrows.shape[0], dtype=jnp.int32)
+      row_ok = qvalid & (ids < n)
+
+      def col_step(found, block, start, valid):
+        cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
+        ok = row_ok[:, None] & (valid & (cols < m))[None, :]
+        return _tile_pairs(found, qp, prep(block, shift), qrows, block, ids, cols, ok,
+                           threshold, limit, metric=metric, max_pairs=max_pairs,
+                           precision=precision)
+
+      return blockscan.block_scan(col_step, found, shard, block_size=nb, pad_tail=False)
+
+    return blockscan.block_scan(row_step, _empty(max_pairs, acc), x, block_size=qb,
+                                pad_tail=False)
+
+  return sharding.map_shards(local, y, x, shift, threshold, limit, mesh=mesh)

@@ -124,11 +124,45 @@ def _combine(a: _Moments, b: _Moments) -> _Moments:
       wide_sum(a.nonneg, b.nonneg), wide_sum(a.hist, b.hist), wide_sum(a.nans, b.nans))
 
 
-def _tile_moments(s: jax.Array, mask: jax.Array, edges: jax.Array) -> _Moments:
-  """The summary of the scores `s` where `mask` holds (one tile, a few MiB), with a
-  histogram over the `(bins + 1,)` `edges`."""
+def _bucket(s: jax.Array, edges: jax.Array) -> jax.Array:
+  """Each score's histogram bin, `bins` for scores outside `[edges[0], edges[-1]]`."""
   bins = edges.shape[0] - 1
   lo, hi = edges[0], edges[-1]
+  idx = jnp.clip(jnp.floor((s - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
+  # The arithmetic guess can be one bin off next to an edge; correct it against the
+  # edges themselves, as numpy.histogram does, so a value equal to an edge lands in
+  # the bin that edge opens (and `hi` in the last bin).
+  idx = idx - (s < edges[idx]).astype(jnp.int32)
+  idx = idx + ((s >= edges[idx + 1]) & (idx < bins - 1)).astype(jnp.int32)
+  return jnp.where((s >= lo) & (s <= hi), idx, bins)
+
+
+def _histogram(bucket: jax.Array, bins: int) -> WideCount:
+  """Counts per bin of `bucket` values in `[0, bins]` (`bins`: outside the range)."""
+  hist = jnp.zeros(bins + 1, jnp.int32).at[bucket.ravel()].add(1, mode="promise_in_bounds")
+  return wide_add(wide_zeros((bins,)), hist[:bins])
+
+
+def _tile_moments(s: jax.Array, mask: jax.Array | None, edges: jax.Array) -> _Moments:
+  """The summary of the scores `s` where `mask` holds (one tile, a few MiB), with a
+  histogram over the `(bins + 1,)` `edges`. `mask=None` takes every score: no mask
+  pass at all, the common case of a tile inside the triangle; a NaN or an infinite
+  sum there falls back to the masked form, which flags NaN scores one by one."""
+  bins = edges.shape[0] - 1
+  z = jnp.zeros((), s.dtype)
+  if mask is None:
+    n = s.size
+    total = jnp.sum(s)
+    dev = s - total / n
+
+    def summary(_):
+      return _Moments(
+          wide_add(wide_zeros(), jnp.int32(n)), total, z, jnp.sum(dev * dev), z, jnp.min(s),
+          jnp.max(s), wide_add(wide_zeros(), jnp.sum(s >= 0, dtype=jnp.int32)),
+          _histogram(_bucket(s, edges), bins), wide_zeros())
+
+    masked = lambda _: _tile_moments(s, jnp.ones(s.shape, bool), edges)
+    return jax.lax.cond(jnp.isfinite(total), summary, masked, None)
   # NaN scores are flagged and kept out of every sum, explicitly: a NaN inside a fused
   # min/max reduction on XLA:CPU does not reliably come out as NaN.
   nan = mask & jnp.isnan(s)
@@ -137,21 +171,11 @@ def _tile_moments(s: jax.Array, mask: jax.Array, edges: jax.Array) -> _Moments:
   total = jnp.sum(jnp.where(mask, s, 0.0))
   mean = total / jnp.maximum(n, 1).astype(s.dtype)
   dev = jnp.where(mask, s - mean, 0.0)
-  inside = mask & (s >= lo) & (s <= hi)
-  idx = jnp.clip(jnp.floor((s - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
-  # The arithmetic guess can be one bin off next to an edge; correct it against the
-  # edges themselves, as numpy.histogram does, so a value equal to an edge lands in
-  # the bin that edge opens (and `hi` in the last bin).
-  idx = idx - (s < edges[idx]).astype(jnp.int32)
-  idx = idx + ((s >= edges[idx + 1]) & (idx < bins - 1)).astype(jnp.int32)
-  bucket = jnp.where(inside, idx, bins)
-  hist = jnp.zeros(bins + 1, jnp.int32).at[bucket.ravel()].add(1, mode="promise_in_bounds")
-  z = jnp.zeros((), s.dtype)
   return _Moments(
       wide_add(wide_zeros(), n), total, z, jnp.sum(dev * dev), z,
       jnp.min(jnp.where(mask, s, jnp.inf)), jnp.max(jnp.where(mask, s, -jnp.inf)),
       wide_add(wide_zeros(), jnp.sum(mask & (s >= 0), dtype=jnp.int32)),
-      wide_add(wide_zeros((bins,)), hist[:bins]),
+      _histogram(jnp.where(mask, _bucket(s, edges), bins), bins),
       wide_add(wide_zeros(), jnp.sum(nan, dtype=jnp.int32)))
 
 
@@ -189,8 +213,8 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
                      precision=None) -> SimilarityStats:
   r"""Count, mean, spread, extremes and histogram of the scores of all pairs.
 
-  Streams (query block x corpus block) tiles through `block_scan`, so memory stays
-  O(tile) for any number of pairs: the analysis of a whole embedding table's
+  Streams tiles of scores through `blockscan`, so memory stays O(tile) for any number
+  of pairs: the analysis of a whole embedding table's
   similarity structure, e.g. the share of non-negative cosine among all 30,522^2
   token pairs of a vocabulary, against a random table of the same shape.
 
@@ -198,8 +222,14 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
 
   with :math:`P` all pairs :math:`(i, j)` when `y` is given, and the pairs
   :math:`i < j` (:math:`i \le j` with `exclude_diagonal=False`) when `y` is None.
-  Every metric here is symmetric, so :math:`i < j` covers each unordered pair once at
-  half the cost.
+  Every metric here is symmetric, so :math:`i < j` covers each unordered pair once:
+  `similarity_stats(x)` counts :math:`n(n-1)/2` pairs (:math:`n(n+1)/2` with the
+  diagonal), while `similarity_stats(x, x)` counts every ordered pair, :math:`n^2`,
+  i.e. each unordered pair twice plus the diagonal once, with the same mean over the
+  off-diagonal pairs. `y=None` is computed from one triangle: `triangle_scan` walks
+  square tiles of `block_size` rows, the tiles :math:`(I, J)`, :math:`I \le J`, only,
+  so the work below the diagonal is skipped, not computed and masked; only the
+  diagonal tiles (and those of a shorter last block) are masked.
 
   Args:
     x: `(n, d)` rows.
@@ -213,12 +243,16 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
       compiled program). Checked in the accumulation dtype: finite, `lo < hi`, a
       width that does not overflow and `bins` distinct edges.
     exclude_diagonal: `y=None` only: leave out the self pairs `(i, i)`.
-    block_size: corpus (`y`) rows per block; default: equal blocks of at most about
-      4096 (16384 on GPU and TPU; see `jaxsim._src.defaults`).
-    query_block_size: `x` rows per tile; default keeps a tile at 2**20 scores (4 MiB;
-      2**24 on GPU and TPU).
+    block_size: corpus (`y`) rows per block; with `y=None` the rows per side of the
+      square tiles. Default: equal blocks of at most about `defaults.stats_block()`
+      rows (1024 on CPU, 16384 on GPU and TPU), with `y=None` about
+      `defaults.triangle_block()` (512 on CPU, 4096 on GPU and TPU; see
+      `jaxsim._src.defaults`).
+    query_block_size: `x` rows per tile (`y` given only); default keeps a tile at
+      2**20 scores (4 MiB; 2**24 on GPU and TPU).
     mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices
-      (see `jaxsim.shard_rows` for rows spread over processes). `count` is the same
+      (see `jaxsim.shard_rows` for rows spread over processes); with `y=None` every
+      device holds all of `x` and computes its share of the tiles. `count` is the same
       exactly; the other fields agree with the single-device call to float32 rounding
       of the scores and of the merge order (bit for bit when every score is exact,
       e.g. small integers).
@@ -331,16 +365,18 @@ def _even_blocks(size: int, cap: int, multiple: int) -> int:
 
 
 def tile_sizes(q: int, n: int, block_size: int | None, query_block_size: int | None,
-               *, multiple: int = 1, tile: int | None = None) -> tuple[int, int]:
-  """Default (query block, corpus block): corpus blocks of at most about
-  `defaults.corpus_block()` rows (a multiple of `multiple`), query blocks filling a tile
-  of `tile` scores (default `defaults.stats_tile()`); both per backend, see `defaults`.
+               *, multiple: int = 1, tile: int | None = None,
+               block: int | None = None) -> tuple[int, int]:
+  """Default (query block, corpus block): corpus blocks of at most about `block` rows
+  (default `defaults.corpus_block()`; a multiple of `multiple`), query blocks filling a
+  tile of `tile` scores (default `defaults.stats_tile()`); both per backend, see
+  `defaults`.
 
   Rows are split into equal blocks (5000 rows: two of 2528, not 4096 + 904), since a
   short last block costs as much as a full one.
   """
   if block_size is None:
-    block_size = _even_blocks(n, defaults.corpus_block(), multiple)
+    block_size = _even_blocks(n, defaults.corpus_block() if block is None else block, multiple)
   if query_block_size is None:
     tile = defaults.stats_tile() if tile is None else tile
     query_block_size = _even_blocks(q, max(8, tile // block_size), 8)
@@ -354,66 +390,85 @@ def tile_sizes(q: int, n: int, block_size: int | None, query_block_size: int | N
   return query_block_size, block_size
 
 
+def triangle_block(n: int, block_size: int | None) -> int:
+  """Rows per block of the square tiles of a set against itself (`triangle_scan`):
+  `block_size`, or the backend's `defaults.triangle_block()` split evenly over the rows
+  (at most `n`)."""
+  if block_size is None:
+    block_size = _even_blocks(n, defaults.triangle_block(), 8)
+  return min(block_size, max(n, 1))
+
+
+def _sq_tile(rows, cols, raw_rows, raw_cols, mask, acc_dtype, precision):
+  """Squared distances of a tile, close pairs recomputed directly (`refine`)."""
+  s = kernels.score(rows, cols, "sq_euclidean", precision=precision)
+  close = s <= refine.RHO * (rows.aux[:, None] + cols.aux[None, :])
+  if mask is not None:
+    close &= mask
+  exact = lambda r, c: refine.direct_sq(raw_rows[r], raw_cols[c], acc_dtype)
+  return refine.refine_where(s, close, exact)
+
+
+def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precision):
+  """Per-device summaries of the pairs `i < j` (`i <= j` with `diagonal`) of `x`, from
+  the tiles `i <= j` of `blockscan.triangle_scan`: every device holds all rows and
+  walks its share of the tiles (`sharding.map_devices`)."""
+  n = x.shape[0]
+  b = triangle_block(n, block_size)
+  acc_dtype = kernels.accum_dtype(x.dtype)
+  euclid = metric in kernels.DISTANCES
+  bins = edges_of(lo, hi).shape[0] - 1
+  # The whole set is one corpus: every device computes the same shift from all rows.
+  shift = kernels.centre(x) if euclid else None
+  xp = kernels.prepare(x, metric, shift=shift)
+
+  def local(index, count, rows, aux, raw, lo, hi):
+    edges = edges_of(lo, hi)
+
+    def step(acc, r, c, r_start, c_start, r_valid, c_valid):
+      (r_rows, r_aux, r_raw), (c_rows, c_aux, c_raw) = r, c
+      rp, cp = kernels.Prepared(r_rows, r_aux), kernels.Prepared(c_rows, c_aux)
+
+      def tile(mask):
+        if not euclid:
+          s = kernels.score(rp, cp, metric, precision=precision)
+        else:
+          s = _sq_tile(rp, cp, r_raw, c_raw, mask, acc_dtype, precision)
+          s = kernels.safe_sqrt(s) if metric == "euclidean" else s
+        return _tile_moments(s, mask, edges)
+
+      def edge_tile(_):
+        # The diagonal tile (the same block twice) and the tiles of the last block,
+        # whose first rows the block before already covered: the only masked tiles.
+        ids = jnp.arange(b, dtype=jnp.int32)
+        mask = r_valid[:, None] & c_valid[None, :]
+        upper = (r_start + ids)[:, None] < (c_start + ids)[None, :]
+        if diagonal:
+          upper |= (r_start + ids)[:, None] == (c_start + ids)[None, :]
+        return tile(mask & (upper | (r_start != c_start)))
+
+      inner = (r_start != c_start) & jnp.all(r_valid) & jnp.all(c_valid)
+      return _combine(acc, jax.lax.cond(inner, lambda _: tile(None), edge_tile, None))
+
+    return blockscan.triangle_scan(step, _empty(bins, acc_dtype), (rows, aux, raw),
+                                   block_size=b, shard=(index, count), remat=False)
+
+  return sharding.map_devices(local, xp.rows, xp.aux, x, lo, hi, mesh=mesh)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "metric", "bins", "diagonal", "block_size", "query_block_size", "mesh", "precision",
     "bound"))
 def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size, mesh,
            precision, bound):
-  corpus = x if y is None else y
-  n, m = x.shape[0], corpus.shape[0]
-  shift = (kernels.centre(corpus, mesh=mesh) if metric in kernels.DISTANCES
-           else jnp.zeros((1, 1)))
-  qb, nb = tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size)
-  xp = kernels.prepare(x, metric, shift=shift if metric in kernels.DISTANCES else None)
-  q_pad = -(-n // qb) * qb
-  queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
-             jnp.arange(q_pad, dtype=jnp.int32))
   acc_dtype = kernels.accum_dtype(x.dtype)
-  euclid = metric in kernels.DISTANCES
   make_edges = lambda lo, hi: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)
-
-  def local(shard, offset, queries, shift, lo, hi):
-    edges = make_edges(lo, hi)
-
-    def corpus_step(acc, block, start, valid):
-      bp = kernels.prepare(block, metric,
-                           shift=shift if metric in kernels.DISTANCES else None)
-      cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
-      col_ok = valid & (cols < m)
-
-      def query_step(acc, qblock, qstart, qvalid):
-        rows, aux, ids = qblock
-        ok = (qvalid & (ids < n))[:, None] & col_ok[None, :]
-        if diagonal is not None:
-          ok &= (ids[:, None] <= cols[None, :]) if diagonal else (ids[:, None] < cols[None, :])
-
-        def tile(_):
-          if not euclid:
-            s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
-            return _tile_moments(s, ok, edges)
-          # Close pairs recomputed directly, as the dense forms do (`jaxsim._src.refine`).
-          s = kernels.score(kernels.Prepared(rows, aux), bp, "sq_euclidean", precision=precision)
-          close = ok & (s <= refine.RHO * (aux[:, None] + bp.aux[None, :]))
-          raw = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(qstart, n - qb), qb)
-          shift_rows = jnp.maximum(qstart + qb - n, 0)  # the last block is shifted back
-          exact = lambda r, c: refine.direct_sq(raw[r + shift_rows], block[c], acc_dtype)
-          s = refine.refine_where(s, close, exact)
-          return _tile_moments(kernels.safe_sqrt(s) if metric == "euclidean" else s, ok, edges)
-
-        if diagonal is None:
-          return _combine(acc, tile(None))
-        # Tiles wholly below the diagonal hold no pair: skip their matmul.
-        last_col = offset + start + block.shape[0] - 1
-        upper = (ids[0] <= last_col) if diagonal else (ids[0] < last_col)
-        skip = lambda _: _empty(bins, acc_dtype)
-        return _combine(acc, jax.lax.cond(upper, tile, skip, None))
-
-      return blockscan.block_scan(query_step, acc, queries, block_size=qb)
-
-    return blockscan.block_scan(corpus_step, _empty(bins, acc_dtype), shard, block_size=nb,
-                                pad_tail=False)
-
-  parts = sharding.map_shards(local, corpus, queries, shift, lo, hi, mesh=mesh)
+  if y is None:
+    parts = _triangle(x, make_edges, lo, hi, metric=metric, diagonal=diagonal,
+                      block_size=block_size, mesh=mesh, precision=precision)
+  else:
+    parts = _cross(x, y, make_edges, lo, hi, metric=metric, block_size=block_size,
+                   query_block_size=query_block_size, mesh=mesh, precision=precision)
   total = jax.tree.map(lambda leaf: leaf[0], parts)
   for i in range(1, parts.min.shape[0]):
     total = _combine(total, jax.tree.map(lambda leaf, i=i: leaf[i], parts))
@@ -430,3 +485,48 @@ def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size
       share_nonnegative=wide_float(total.nonneg, acc_dtype) / wide_float(count_all, acc_dtype),
       histogram=wide_result(total.hist, bound),
       bin_edges=make_edges(lo, hi))
+
+
+def _cross(x, y, make_edges, lo, hi, *, metric, block_size, query_block_size, mesh,
+           precision):
+  """Per-device summaries of all pairs of `x` against `y`, the `y` rows split over the
+  devices (`sharding.map_shards`)."""
+  n, m = x.shape[0], y.shape[0]
+  euclid = metric in kernels.DISTANCES
+  shift = kernels.centre(y, mesh=mesh) if euclid else jnp.zeros((1, 1))
+  qb, nb = tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size,
+                      block=defaults.stats_block())
+  xp = kernels.prepare(x, metric, shift=shift if euclid else None)
+  q_pad = -(-n // qb) * qb
+  queries = (jnp.pad(xp.rows, ((0, q_pad - n), (0, 0))), jnp.pad(xp.aux, (0, q_pad - n)),
+             jnp.arange(q_pad, dtype=jnp.int32))
+  acc_dtype = kernels.accum_dtype(x.dtype)
+
+  def local(shard, offset, queries, shift, lo, hi):
+    edges = make_edges(lo, hi)
+    bins = edges.shape[0] - 1
+
+    def corpus_step(acc, block, start, valid):
+      bp = kernels.prepare(block, metric, shift=shift if euclid else None)
+      cols = offset + start + jnp.arange(block.shape[0], dtype=jnp.int32)
+      col_ok = valid & (cols < m)
+
+      def query_step(acc, qblock, qstart, qvalid):
+        rows, aux, ids = qblock
+        ok = (qvalid & (ids < n))[:, None] & col_ok[None, :]
+        if not euclid:
+          s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
+          return _combine(acc, _tile_moments(s, ok, edges))
+        # Close pairs recomputed directly, as the dense forms do (`jaxsim._src.refine`).
+        raw = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(qstart, n - qb), qb)
+        shifted = raw[jnp.arange(qb) + jnp.maximum(qstart + qb - n, 0)]  # last block
+        s = _sq_tile(kernels.Prepared(rows, aux), bp, shifted, block, ok, acc_dtype, precision)
+        s = kernels.safe_sqrt(s) if metric == "euclidean" else s
+        return _combine(acc, _tile_moments(s, ok, edges))
+
+      return blockscan.block_scan(query_step, acc, queries, block_size=qb)
+
+    return blockscan.block_scan(corpus_step, _empty(bins, acc_dtype), shard, block_size=nb,
+                                pad_tail=False)
+
+  return sharding.map_shards(local, y, queries, shift, lo, hi, mesh=mesh)
