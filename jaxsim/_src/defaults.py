@@ -6,13 +6,14 @@ walk the corpus in blocks of rows and the queries in blocks that fill a *tile* o
 caller's `block_size` and query blocks of `attention_query_block`. These sizes trade
 memory for speed, and the right trade depends on the device:
 
-| backend | corpus block | top-k tile | stats tile | stats block | triangle | attention |
-| --- | --- | --- | --- | --- | --- | --- |
-| `cpu`, unknown | ~4096 | 2**21 (8 MiB) | 2**20 (4 MiB) | ~1024 | ~512 | `block_size` |
-| `gpu`, `tpu` | ~16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | ~16384 | ~4096 | 2**20 logits |
+| backend | corpus block | top-k tile | stats tile | stats block | triangle | mirror | attention |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| `cpu`, unknown | ~4096 | 2**21 (8 MiB) | 2**20 (4 MiB) | ~1024 | ~512 | 256 | `block_size` |
+| `gpu`, `tpu` | ~16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | ~16384 | ~4096 | off | 2**20 logits |
 
 Blocks in rows, tiles in scores (float32 sizes in brackets), "attention" the query
-block of blocked attention.
+block of blocked attention, "mirror" the tile of the dense `cosine(x)` computed from its
+upper triangle.
 
 The stats / pairs block is the `y` block of `pairs_above(x, y)` and
 `similarity_stats(x, y)` (their query block fills the stats tile); the triangle block
@@ -107,6 +108,9 @@ class Defaults:
       `jaxsim.similarity_stats(x, y)`, at most about (equal blocks).
     triangle_block: rows per block of the square tiles that `pairs_above(x)` and
       `similarity_stats(x)` walk for a set against itself, at most about.
+    symmetric_block: rows per tile of the dense `jaxsim.cosine(x)` computed from the
+      upper tiles and mirrored (`kernels.symmetric_dense`); 0 keeps the one matmul
+      (accelerators: not timed there yet).
   """
 
   corpus_block: int
@@ -115,12 +119,14 @@ class Defaults:
   attention_tile: int
   stats_block: int
   triangle_block: int
+  symmetric_block: int
 
 
 _CPU = Defaults(corpus_block=4096, topk_tile=1 << 21, stats_tile=1 << 20, attention_tile=0,
-                stats_block=1024, triangle_block=512)
+                stats_block=1024, triangle_block=512, symmetric_block=256)
 _ACCELERATOR = Defaults(corpus_block=16384, topk_tile=1 << 26, stats_tile=1 << 24,
-                        attention_tile=1 << 20, stats_block=16384, triangle_block=4096)
+                        attention_tile=1 << 20, stats_block=16384, triangle_block=4096,
+                        symmetric_block=0)
 BACKENDS: dict[str, Defaults] = {"cpu": _CPU, "gpu": _ACCELERATOR, "tpu": _ACCELERATOR}
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, refine, sharding, validation
+from jaxsim._src import blockscan, defaults, refine, sharding, validation
 
 Metric = Literal["dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean"]
 METRICS: tuple[str, ...] = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
@@ -331,12 +331,12 @@ def finish_cosine(dots: jax.Array, ax: jax.Array, ay: jax.Array) -> jax.Array:
 
 
 # The symmetric dense cosine `cosine(x)` computes only the tiles (i, j), i <= j, of
-# SYMMETRIC_BLOCK rows and mirrors each (`experiments/dense_forms.py`). On the 2-core
-# CPU, at d=512: 1.06x XLA's full `u @ u.T` at n=2048 and 1.08x at n=4096 (512-row
-# tiles: 1.07x, 1024-row tiles: 0.8-0.9x). Where d is small the full matmul is bound by
+# `defaults.for_backend().symmetric_block` rows (256 on CPU; off on accelerators, not
+# timed there) and mirrors each (`experiments/dense_forms.py`). On the 2-core CPU, at
+# d=512: 1.06x XLA's full `u @ u.T` at n=2048 and 1.08x at n=4096 (512-row tiles:
+# 1.07x, 1024-row tiles: 0.8-0.9x). Where d is small the full matmul is bound by
 # writing its output, which the mirror writes twice: 0.92x at d=256, 0.78x at d=128,
 # so narrower rows take the one matmul.
-SYMMETRIC_BLOCK = 256
 SYMMETRIC_MIN_ROWS = 2048
 SYMMETRIC_MIN_DIM = 512
 
@@ -359,7 +359,7 @@ def symmetric_dense(xp: Prepared, finish, out_dtype, *, precision=None) -> jax.A
     return jax.lax.dynamic_update_slice(out, tile, (r_start, c_start))
 
   return blockscan.triangle_scan(step, jnp.zeros((n, n), out_dtype), xp,
-                                 block_size=SYMMETRIC_BLOCK, remat=False)
+                                 block_size=defaults.for_backend().symmetric_block, remat=False)
 
 
 def _symmetric_cosine(xp: Prepared, out_dtype, precision) -> jax.Array:
@@ -379,7 +379,7 @@ def _symmetric_cosine(xp: Prepared, out_dtype, precision) -> jax.Array:
 
 def _use_symmetric(x: jax.Array, metric: str) -> bool:
   return (metric == "cosine" and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS
-          and x.shape[1] >= SYMMETRIC_MIN_DIM and jax.default_backend() == "cpu")
+          and x.shape[1] >= SYMMETRIC_MIN_DIM and defaults.for_backend().symmetric_block > 0)
 
 
 def _pairwise(x, y, eps, scale, *, metric, precision):
