@@ -18,6 +18,10 @@ The README's figures come from (each writes its JSON and plots to `docs/results/
     python -m experiments.embedding_stats --out docs/results
     python -m experiments.attention_demo --out docs/results
     python -m experiments.numerics_bench --out docs/results
+    python -m experiments.knn_graph --out docs/results
+    python -m experiments.tiles --out docs/results
+    python -m experiments.dense_forms --out docs/results
+    python -m experiments.bf16_matmul --out docs/results
 """
 
 from __future__ import annotations
@@ -289,10 +293,36 @@ def benchmarks(experiment: str, *names: str, fmt: Callable[[dict], str] = _time
   return make
 
 
+def xla_flags(results: Path) -> str | None:
+  p = load(results, "dense_forms")
+  study = None if p is None else p.get("studies", {}).get("xla_flags")
+  if not study or not study.get("rows"):
+    return None
+  lines = [f"{study['n']} x {study['n']} x {study['d']} float32 matmul, one fresh process per "
+           "setting (run in turn, not interleaved: differences within about 5% are noise):", "",
+           "| setting | matmul GFLOP/s | vs default | dense `cosine(x)` vs the matmul |",
+           "| --- | --- | --- | --- |"]
+  for r in study["rows"]:
+    if r["status"] != "ok":
+      lines.append(f"| {r['setting']} | {r['status']} | - | - |")
+      continue
+    lines.append(f"| {r['setting']} | {r['matmul_gflops']:.0f} | "
+                 f"{r.get('matmul_vs_default', float('nan')):.2f}x | "
+                 f"{r['cosine_vs_matmul']:.2f}x |")
+  return "\n".join(lines + ["", source_line(p)])
+
+
 TABLES: dict[str, Callable[[Path], str | None]] = {
     "scaling": scaling, "small": small, "post_table": post_table, "search": search,
     "embedding": embedding, "attention": attention,
-    "numerics": benchmarks("numerics_bench", "euclidean_refinement")}
+    "numerics": benchmarks("numerics_bench", "euclidean_refinement"),
+    "knn_graph": benchmarks("knn_graph", "knn_graph"),
+    "self_stats": benchmarks("tiles", "self_stats", "triangle_step"),
+    "tile_sweep": benchmarks("tiles", "tile_matmul",
+                             fmt=lambda r: f"{r['rate']:.0f}" if r.get("rate") else _time(r)),
+    "dense_forms": benchmarks("dense_forms", "dense_self", "dense_cross"),
+    "xla_flags": xla_flags,
+    "bf16_matmul": benchmarks("bf16_matmul", "bf16_matmul")}
 
 
 def render(results: Path) -> dict[str, str]:

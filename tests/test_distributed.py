@@ -154,3 +154,28 @@ def test_torch_inputs_to_the_host_side_paths():
   assert distributed.fingerprint(t) == distributed.fingerprint(same)
   mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
   np.testing.assert_array_equal(jaxsim.shard_rows(t, mesh).gather(), same)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_an_uneven_corpus_is_placed_as_shards_not_replicated(kind):
+  # 803 rows over 8 devices: placed once as 8 shards of 101 rows, so each device holds
+  # its own rows instead of a replicated copy of all of them.
+  mesh = Mesh(np.array(jax.devices()), ("rows",))
+  rows = np.random.default_rng(4).normal(size=(803, 16)).astype(np.float32)
+  placed = distributed.place_rows(rows if kind == "numpy" else jax.numpy.asarray(rows), mesh)
+  assert isinstance(placed, jaxsim.ShardedRows) and len(placed) == 803
+  assert {s.data.shape for s in placed.data.addressable_shards} == {(101, 16)}
+  np.testing.assert_array_equal(placed.gather(), rows)
+  compiled = distributed._topk.lower(rows[:5], placed.data, count=803, k=3, mesh=mesh,
+                                     options=()).compile()
+  assert compiled.memory_analysis().argument_size_in_bytes < rows.nbytes / 4
+  # Even counts, no mesh, and tracers are left as they are.
+  even = rows[:800]
+  assert distributed.place_rows(even, mesh) is even and distributed.place_rows(rows, None) is rows
+  # Through the public calls: the same results as one device.
+  queries = rows[:7] + 0.01
+  want = jaxsim.topk(queries, rows, 5)
+  got = jaxsim.topk(queries, rows if kind == "numpy" else jax.numpy.asarray(rows), 5, mesh=mesh)
+  np.testing.assert_array_equal(got[1], want[1])
+  stats = jaxsim.similarity_stats(queries, rows, mesh=mesh)
+  assert int(stats.count) == 7 * 803

@@ -128,12 +128,14 @@ def test_merge_tile_every_threshold_branch_matches_a_stable_sort(most, k):
   passing = (key.reshape(c, groups, -1).max(-1) > thr).sum(1)
   assert passing.max() == most
   first = 1000
-  got = jax.jit(search._merge_tile, static_argnums=(4, 5, 6))(
-      jnp.asarray(best), jnp.asarray(best_ids), jnp.asarray(key), jnp.int32(first), k, False,
-      0.95)
   want_s, want_i = _stable_merge(best, best_ids, key, first)
-  np.testing.assert_array_equal(got[0], want_s)
-  np.testing.assert_array_equal(got[1], want_i)
+  # axis=0: the same keys handed over transposed (a triangle tile's column side).
+  for axis, tile in ((1, key), (0, key.T)):
+    got = jax.jit(search._merge_tile, static_argnums=(4, 5, 6, 7))(
+        jnp.asarray(best), jnp.asarray(best_ids), jnp.asarray(tile), jnp.int32(first), k,
+        False, 0.95, axis)
+    np.testing.assert_array_equal(got[0], want_s)
+    np.testing.assert_array_equal(got[1], want_i)
 
 
 @pytest.mark.parametrize("k,block_size,query_block_size", [

@@ -243,6 +243,30 @@ class ShardedRows:
             f"process_counts={self.process_counts})")
 
 
+def place_rows(rows: Any, mesh: Mesh | None, name: str = "corpus") -> Any:
+  """A corpus whose row count does not divide the devices of `mesh`, placed once as the
+  `ShardedRows` that `shard_rows` would make; anything else is returned as it is.
+
+  JAX cannot shard an array of `n` rows evenly over `mesh.size` devices unless `n`
+  divides, so a program given such a corpus with `mesh=` received it replicated on every
+  device and padded a copy of each shard. Placed here, outside the program, each device
+  holds only its own `ceil(n / devices)` rows. Process-local calls only (a mesh over
+  several processes takes `shard_rows`), and not inside a caller's `jit`, where the
+  caller's program owns the placement.
+  """
+  if (not isinstance(mesh, Mesh) or spans_processes(mesh) or isinstance(rows, jax.core.Tracer)
+      or not isinstance(rows, (np.ndarray, jax.Array)) or np.ndim(rows) != 2
+      or np.dtype(rows.dtype).kind not in "fiu" or rows.shape[0] % mesh.size == 0):
+    return rows
+  rows = validation.as_float_array(rows, name)
+  n, d = rows.shape
+  pad = sharding.shard_rows(n, mesh) * mesh.size - n
+  padded = (np.concatenate([rows, np.zeros((pad, d), rows.dtype)])
+            if isinstance(rows, np.ndarray) else jnp.pad(rows, ((0, pad), (0, 0))))
+  spec = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+  return ShardedRows(jax.device_put(padded, spec), n, mesh)
+
+
 def _local_host(value: Any, name: str) -> np.ndarray:
   if validation.is_torch(value):
     value = validation.torch_to_numpy(value)

@@ -103,7 +103,7 @@ def _scan(x, tile, width, extra, *, block, mesh, approx, recall_target, finish=N
   """Every row's streamed top-`width` over the triangle tiles, merged over devices.
 
   `tile(rows, cols, r_ids, c_ids, keep, *extra)` gives a tile's `(row_keys, col_keys)`,
-  both `(b, b)` (rows x columns; `col_keys` is selected transposed), for raw row blocks
+  both `(b, b)` (rows x columns; `col_keys` is selected down its columns), for raw row blocks
   `rows` and `cols` with global ids `r_ids` and `c_ids`, where `keep` marks the valid
   pairs. `finish(best, ids, *extra)` maps each device's `(best, ids)` to `(best, ids,
   *more)` before the devices are merged; `more` comes back stacked per device.
@@ -132,7 +132,7 @@ def _scan(x, tile, width, extra, *, block, mesh, approx, recall_target, finish=N
       cb, ci = lax.dynamic_slice_in_dim(best, c0, b), lax.dynamic_slice_in_dim(ids, c0, b)
       # The diagonal tile holds its block's scores once; its column side would repeat them.
       cb, ci = lax.cond(r0 == c0, lambda: (cb, ci),
-                        lambda: merge(cb, ci, col_key.T, first=r0))
+                        lambda: merge(cb, ci, col_key, first=r0, axis=0))
       return (lax.dynamic_update_slice_in_dim(best, cb, c0, 0),
               lax.dynamic_update_slice_in_dim(ids, ci, c0, 0))
 

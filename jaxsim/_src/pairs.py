@@ -172,6 +172,8 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     >>> p.rows, p.cols, int(p.count)  # 3 rows hold 3 pairs: the buffers are clamped to 3
     (Array([ 0, -1, -1], dtype=int32), Array([ 2, -1, -1], dtype=int32), 1)
   """
+  if y is not None:  # x of a set against itself is on every device anyway
+    y = distributed.place_rows(y, mesh, "y")
   if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
     return distributed.pairs_above(x, y, threshold=threshold, max_pairs=max_pairs, mesh=mesh,
                                    metric=metric, block_size=block_size,

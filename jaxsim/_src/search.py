@@ -54,7 +54,8 @@ def _keys(s: jax.Array, metric: str, keep: jax.Array) -> jax.Array:
 
 
 def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax.Array, k: int,
-                approx: bool, recall_target: float) -> tuple[jax.Array, jax.Array]:
+                approx: bool, recall_target: float, axis: int = 1
+                ) -> tuple[jax.Array, jax.Array]:
   """The running top-k of each row updated with one tile of keys.
 
   Only keys above a row's current k-th (`best[:, k - 1]`) can enter it: an equal key
@@ -71,25 +72,41 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
   Args:
     best, best_ids: `(c, k)` current top-k keys (descending) and their corpus ids,
       all smaller than the tile's ids, so ties stay with the lower id.
-    key: `(c, b)` keys of corpus rows `first ... first + b - 1`.
+    key: `(c, b)` keys of corpus rows `first ... first + b - 1`; with `axis=0`,
+      `(b, c)`: the same keys transposed, as a triangle tile's column side holds them.
+      Selecting down the columns reads the tile as it lies, where transposing it
+      first costs a copy of the whole tile.
   """
-  c, b = key.shape
+  if axis == 0:
+    b, c = key.shape
+  else:
+    c, b = key.shape
   groups = b // GROUP
+  if axis == 0 and (approx or b % GROUP or groups <= k):
+    key = key.T  # the small-tile and approximate paths
   if approx and b >= k:
     cand, pos = lax.approx_max_k(key, k, recall_target=recall_target)
     return merge_topk(best, best_ids, cand, pos.astype(jnp.int32) + first, k)
   if b % GROUP or groups <= k:
     ids = jnp.broadcast_to(first + jnp.arange(b, dtype=jnp.int32), key.shape)
     return merge_topk(best, best_ids, key, ids, k)
-  grouped = key.reshape(c, groups, GROUP)
-  group_max = jnp.max(grouped, axis=-1)
+  if axis == 0:
+    grouped = key.reshape(groups, GROUP, c)
+    group_max = jnp.max(grouped, axis=1).T
+  else:
+    grouped = key.reshape(c, groups, GROUP)
+    group_max = jnp.max(grouped, axis=-1)
   passing = group_max > best[:, k - 1:]
   offsets = jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
 
   def gather(top):
     # Groups in index order keep the candidates sorted by id, so that `top_k` (which
     # breaks ties by position) breaks them by lower id.
-    cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1).reshape(c, -1)
+    if axis == 0:  # only the chosen groups are transposed: (m, GROUP, c) -> (c, m, GROUP)
+      cand = jnp.take_along_axis(grouped, top.T[:, None, :], axis=0)
+      cand = jnp.transpose(cand, (2, 0, 1)).reshape(c, -1)
+    else:
+      cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1).reshape(c, -1)
     ids = (top[:, :, None] * GROUP + offsets).reshape(c, -1) + first
     return cand, ids
 
@@ -180,8 +197,9 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
     recall_target: `approx=True` only; the expected recall of `lax.approx_max_k`.
     mesh: a `jax.sharding.Mesh`; the corpus rows are split across all its devices,
       each computes its local top-k and the results are merged, ties again to the
-      lower index (the same indices as the single-device call). See
-      `jaxsim.shard_rows` for rows spread over processes.
+      lower index (the same indices as the single-device call). A corpus whose row
+      count does not divide the devices is first placed as even shards, once, as
+      `jaxsim.shard_rows` places rows spread over processes.
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
@@ -221,6 +239,7 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
                            query_block_size=query_block_size, exclude_self=exclude_self,
                            approx=approx, recall_target=recall_target, mesh=mesh,
                            precision=precision)
+  corpus = distributed.place_rows(corpus, mesh)
   if isinstance(corpus, distributed.ShardedRows):
     return distributed.topk(queries, corpus, k, mesh=mesh, metric=metric, block_size=block_size,
                             query_block_size=query_block_size, exclude_self=exclude_self,

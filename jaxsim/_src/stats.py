@@ -284,6 +284,8 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     >>> int(st.count), float(st.share_nonnegative) > 0.4
     (124750, True)
   """
+  if y is not None:  # x of a set against itself is on every device anyway
+    y = distributed.place_rows(y, mesh, "y")
   if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
     return distributed.similarity_stats(
         x, y, mesh=mesh, metric=metric, bins=bins, range=range,
