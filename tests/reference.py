@@ -50,6 +50,18 @@ def euclidean(x, y):
   return np.sqrt(sq_euclidean(x, y))
 
 
+def normal_rows(seed, *shapes, dtype=np.float32):
+  """Standard normal rows of each shape, from one seeded generator."""
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def int_rows(seed, *shapes, values=(-1, 0, 1)):
+  """Small-integer rows: every dot product is exact in float32, so ties are exact too."""
+  rng = np.random.default_rng(seed)
+  return [rng.choice(np.asarray(values, np.float32), size=s) for s in shapes]
+
+
 def near_duplicates(seed, *, d=128, n=512, scale=10.0, dtype=np.float32):
   """`(query, corpus)`: a `(1, d)` query and `n` rows, the last ten at distances
   1e-4 ... 1e-3 of it (nearest last), the others random at distances ~ scale * sqrt(2d).

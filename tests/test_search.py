@@ -17,15 +17,7 @@ METRICS = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
 TOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}
 
 
-def _data(seed, *shapes, dtype=np.float32):
-  rng = np.random.default_rng(seed)
-  return [rng.standard_normal(s).astype(dtype) for s in shapes]
-
-
-def _ints(seed, *shapes, values=(-1, 0, 1)):
-  """Small-integer rows: every dot product is exact in float32, so ties are exact too."""
-  rng = np.random.default_rng(seed)
-  return [rng.choice(np.asarray(values, np.float32), size=s) for s in shapes]
+_data, _ints = reference.normal_rows, reference.int_rows
 
 
 def _mesh():

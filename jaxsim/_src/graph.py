@@ -4,7 +4,8 @@ r"""The k-nearest-neighbour graph of a set: top-k of every row among the same ro
 scores. A symmetric similarity has :math:`s(i, j) = s(j, i)`, so the tiles `(i, j)`,
 `i <= j`, of row blocks (`blockscan.triangle_scan`) hold every score once. Each tile
 is selected twice: its rows feed the running top-k of its row block and its columns
-(the tile transposed) that of its column block; the diagonal tile feeds its block once.
+(selected down the columns, `search._merge_tile(..., axis=0)`, without a transposed
+copy) that of its column block; the diagonal tile feeds its block once.
 The carry is every row's running top-k, `(n, k)` keys and ids: memory is O(n k) plus
 O(tiles), never O(n^2), and no prepared copy of the rows is made (each tile prepares
 its two blocks, O(b d) against the tile's O(b^2 d) matmul).
