@@ -71,17 +71,13 @@ def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, appro
   sharding.check_mesh(mesh)
   exclude_self = validation.check_bool(exclude_self, "exclude_self")
   approx = validation.check_bool(approx, "approx")
-  recall_target = validation.check_scalar(recall_target, "recall_target")
-  if isinstance(recall_target, jax.core.Tracer) or not 0.0 < float(recall_target) <= 1.0:
-    raise ValueError(f"`recall_target` must be a number in (0, 1], got {recall_target!r}.")
   n = x.shape[0]
-  if k > (n - 1 if exclude_self else n):
-    bound = "n - 1 (exclude_self=True)" if exclude_self else "n, the number of rows"
-    raise ValueError(f"`k` must be at most {bound}: got k={k} with n={n} "
-                     f"(queries.shape={x.shape}, corpus=None).")
+  recall_target = search.check_k_and_recall(
+      k, n, exclude_self=exclude_self, recall_target=recall_target, rows="rows",
+      shapes=f"queries.shape={x.shape}, corpus=None")
   block = default_block(n) if block_size is None else min(block_size, n)
   scores, ids = _topk_self(x, k=k, metric=metric, block=block, exclude_self=exclude_self,
-                           approx=approx, recall_target=float(recall_target), mesh=mesh,
+                           approx=approx, recall_target=recall_target, mesh=mesh,
                            precision=precision)
   return scores.astype(x.dtype), ids
 

@@ -259,18 +259,26 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
   if exclude_self and q != n:
     raise ValueError("`exclude_self=True` needs the queries to be the corpus rows, got "
                      f"queries.shape={queries.shape} and corpus.shape={corpus.shape}.")
-  if k > (n - 1 if exclude_self else n):
-    bound = "n - 1 (exclude_self=True)" if exclude_self else "n, the number of corpus rows"
-    raise ValueError(f"`k` must be at most {bound}: got k={k} with n={n} "
-                     f"(corpus.shape={corpus.shape}).")
-  recall_target = validation.check_scalar(recall_target, "recall_target")
-  if isinstance(recall_target, jax.core.Tracer) or not 0.0 < float(recall_target) <= 1.0:
-    raise ValueError(f"`recall_target` must be a number in (0, 1], got {recall_target!r}.")
+  recall_target = check_k_and_recall(k, n, exclude_self=exclude_self, recall_target=recall_target,
+                                     rows="corpus rows", shapes=f"corpus.shape={corpus.shape}")
   if q == 0:
     return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), jnp.int32)
   return _topk(queries, corpus, k=k, metric=metric, block_size=block_size,
                query_block_size=query_block_size, exclude_self=exclude_self, approx=approx,
-               recall_target=float(recall_target), mesh=mesh, precision=precision)
+               recall_target=recall_target, mesh=mesh, precision=precision)
+
+
+def check_k_and_recall(k: int, n: int, *, exclude_self: bool, recall_target, rows: str,
+                       shapes: str) -> float:
+  """`k` against the `n` rows it selects from, and `recall_target` in (0, 1] (as a
+  float); the checks `topk` shares with the triangle of `topk(x, None)`."""
+  if k > (n - 1 if exclude_self else n):
+    bound = "n - 1 (exclude_self=True)" if exclude_self else f"n, the number of {rows}"
+    raise ValueError(f"`k` must be at most {bound}: got k={k} with n={n} ({shapes}).")
+  recall_target = validation.check_scalar(recall_target, "recall_target")
+  if isinstance(recall_target, jax.core.Tracer) or not 0.0 < float(recall_target) <= 1.0:
+    raise ValueError(f"`recall_target` must be a number in (0, 1], got {recall_target!r}.")
+  return float(recall_target)
 
 
 @functools.partial(jax.jit, static_argnames=(
