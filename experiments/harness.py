@@ -49,6 +49,8 @@ Timing rules (the same for every experiment, so numbers compare):
 - every candidate is warmed up first (compilation and caches out of the way);
 - each sample times enough back-to-back calls to last at least `min_sample_s`, and
   waits for the result (`jax.block_until_ready`; torch CPU results are ready on return);
+- before each sample the runner pauses `IDLE_S` (untimed), so another library's
+  spinning worker threads are idle when the next candidate starts;
 - candidates at one grid point are timed side by side, round-robin, so machine noise
   hits all of them alike (each round starts at the next candidate, so none always
   follows the same one); ratios come from those same samples, never across runs;
@@ -302,6 +304,11 @@ class Timing(dict):
     return self["median"]
 
 
+# Long enough for libgomp's and OpenBLAS's spinning workers to go to sleep (GNU OpenMP
+# spins for well under this by default; Intel's KMP_BLOCKTIME is 200 ms).
+IDLE_S = 0.25
+
+
 def _calls_per_sample(fn: Callable[[], Any], min_sample_s: float) -> int:
   number = 1
   while True:
@@ -328,7 +335,7 @@ def _summary(samples: list[float], number: int) -> Timing:
 
 
 def compare(candidates: Mapping[str, Callable[[], Any]], *, repeats: int = 7,
-            warmup: int = 2, min_sample_s: float = 0.05,
+            warmup: int = 2, min_sample_s: float = 0.05, idle_s: float = IDLE_S,
             on_sample: Callable[[], None] | None = None) -> dict[str, Timing]:
   """Times zero-argument callables side by side, round-robin.
 
@@ -338,6 +345,9 @@ def compare(candidates: Mapping[str, Callable[[], Any]], *, repeats: int = 7,
     warmup: untimed calls per candidate before timing.
     min_sample_s: each sample loops calls until it lasts at least this long, so
       microsecond calls are not lost in timer resolution.
+    idle_s: untimed pause before each sample, so that the worker threads of the
+      previous candidate's library (OpenMP, BLAS, torch) stop spinning and do not
+      compete with the one being timed.
     on_sample: called after every sample (progress bars).
 
   Returns:
@@ -355,6 +365,8 @@ def compare(candidates: Mapping[str, Callable[[], Any]], *, repeats: int = 7,
     # library's call can pay for its thread pool still spinning, so no candidate may
     # always hold that slot.
     for name in names[r % len(names):] + names[:r % len(names)]:
+      if idle_s > 0 and len(names) > 1:
+        time.sleep(idle_s)
       samples[name].append(_sample(candidates[name], numbers[name]))
       if on_sample is not None:
         on_sample()
@@ -718,11 +730,14 @@ def _progress_bar(total: int, desc: str):
 def _timing_options(bench: Benchmark, args) -> dict:
   opts = dict(QUICK_TIMING if args.quick else FULL_TIMING)
   opts["warmup"] = 2
+  opts["idle_s"] = IDLE_S
   opts.update(bench.timing or {})
   if args.repeats is not None:
     opts["repeats"] = args.repeats
   if args.min_sample_s is not None:
     opts["min_sample_s"] = args.min_sample_s
+  if args.idle_s is not None:
+    opts["idle_s"] = args.idle_s
   return opts
 
 
@@ -1092,6 +1107,8 @@ def parser(description: str, items: Sequence[Benchmark | Study] = ()) -> argpars
                  metavar="AXIS=V1,V2", help="replace one axis of the grid (repeatable)")
   p.add_argument("--repeats", type=int, help="timed samples per candidate (default 7, quick 5)")
   p.add_argument("--min-sample-s", type=float, help="shortest timed sample (default 0.05 s)")
+  p.add_argument("--idle-s", type=float, help=f"untimed pause before each sample, for other "
+                 f"libraries' threads to go idle (default {IDLE_S} s)")
   p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
   p.add_argument("--torch-threads", type=int,
                  help="torch.set_num_threads for torch candidates (default: torch's own)")

@@ -28,7 +28,7 @@ from experiments import (
 from experiments.harness import Benchmark, Candidate, Grid, Study, Target
 from tests import reference
 
-TINY = ["--repeats", "1", "--min-sample-s", "0"]
+TINY = ["--repeats", "1", "--min-sample-s", "0", "--idle-s", "0"]
 ENV_KEYS = {"date", "processor", "cpu_flags", "cpu_affinity", "backend", "versions",
             "threadpools", "cpu_async_dispatch", "git", "load_average", "thread_env"}
 OK_ROW_KEYS = {"candidate", "status", "median_s", "q1_s", "q3_s", "min_s", "samples_s",
