@@ -166,8 +166,7 @@ def test_an_uneven_corpus_is_placed_as_shards_not_replicated(kind):
   assert isinstance(placed, jaxsim.ShardedRows) and len(placed) == 803
   assert {s.data.shape for s in placed.data.addressable_shards} == {(101, 16)}
   np.testing.assert_array_equal(placed.gather(), rows)
-  compiled = distributed._topk.lower(rows[:5], placed.data, count=803, k=3, mesh=mesh,
-                                     options=()).compile()
+  compiled = distributed._topk.lower(rows[:5], placed, k=3, mesh=mesh, options=()).compile()
   assert compiled.memory_analysis().argument_size_in_bytes < rows.nbytes / 4
   # Even counts, no mesh, and tracers are left as they are.
   even = rows[:800]
@@ -179,3 +178,40 @@ def test_an_uneven_corpus_is_placed_as_shards_not_replicated(kind):
   np.testing.assert_array_equal(got[1], want[1])
   stats = jaxsim.similarity_stats(queries, rows, mesh=mesh)
   assert int(stats.count) == 7 * 803
+  # The Euclidean shift and the pair scan see the 803 real rows only, not the padding.
+  for metric in ("euclidean", "sq_euclidean"):
+    want = jaxsim.topk(queries, rows, 5, metric=metric)
+    got = jaxsim.topk(queries, rows, 5, metric=metric, mesh=mesh)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  want = jaxsim.pairs_above(queries, rows, threshold=3.0, max_pairs=64, metric="euclidean")
+  got = jaxsim.pairs_above(queries, rows, threshold=3.0, max_pairs=64, metric="euclidean",
+                           mesh=mesh)
+  assert int(got.count) == int(want.count) > 0
+  np.testing.assert_array_equal(got.cols, want.cols)
+
+
+@pytest.mark.parametrize("call, metric", [("topk", "cosine"), ("topk", "euclidean"),
+                                          ("stats", "sq_euclidean"), ("pairs", "cosine")])
+def test_an_uneven_corpus_makes_no_shard_sized_temporary(call, metric):
+  # 2**20 + 3 rows of 64 floats over 8 devices: 32 MiB shards, padded in place. The
+  # program scans them where they lie, masking the padding, instead of slicing the
+  # real rows off and padding a copy back (34 MiB of temporaries before, against 2
+  # MiB for 2**20 rows); only lowered and compiled, never run.
+  mesh = Mesh(np.array(jax.devices()), ("rows",))
+  n, d = 2**20 + 3, 64
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+  data = jax.ShapeDtypeStruct((-(-n // 8) * 8, d), np.float32, sharding=spec)
+  rows = distributed.ShardedRows(data, n, mesh)
+  queries = jax.ShapeDtypeStruct((5, d), np.float32)
+  options = (("metric", metric),)
+  if call == "topk":
+    lowered = distributed._topk.lower(queries, rows, k=3, mesh=mesh, options=options)
+  elif call == "stats":
+    lowered = distributed._stats.lower(queries, rows, np.array([0.0, 100.0], np.float32),
+                                       mesh=mesh, options=options)
+  else:
+    lowered = distributed._pairs.lower(queries, rows, np.float32(0.5), max_pairs=16, mesh=mesh,
+                                       options=options)
+  temp = lowered.compile().memory_analysis().temp_size_in_bytes
+  assert temp < 8 * 2**20, temp / 2**20

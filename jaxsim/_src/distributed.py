@@ -11,9 +11,9 @@ Layout: global ids run in process order (process 0's rows first, then process 1'
 ...). `shard_rows` moves the rows once so that the global array holds them in id
 order, cut into one contiguous block of `ceil(count / devices)` rows per mesh device,
 with the padding at the end. That is exactly the layout `sharding.map_shards` cuts a
-corpus into, so `topk`, `pairs_above` and `similarity_stats` run on `data[:count]`
-inside one program without moving the rows again, and every padding row has a global
-id `>= count`, which the reductions never count or return. Ties go to the lower
+corpus into, so `topk`, `pairs_above` and `similarity_stats` scan `data` where it lies,
+inside one program, without moving or copying the rows again: every padding row has a
+global id `>= count`, which the reductions mask, never count and never return. Ties go to the lower
 global id, as in the single-process call over all rows.
 
 The move is one XLA gather over the mesh: its rows cross processes once, and its
@@ -402,15 +402,27 @@ def _mesh_for(rows: ShardedRows, mesh: Mesh | None) -> Mesh:
   return rows.mesh
 
 
-def _side(value, count):
-  """A reduction's view of an input inside the program: real rows only."""
-  return value[:count] if count is not None else value
+def placed(value: Any) -> bool:
+  """Whether `value` is a `ShardedRows` outside a program: the reductions hand it to the
+  functions below, which pass it into one program whole."""
+  return isinstance(value, ShardedRows) and not isinstance(value.data, jax.core.Tracer)
 
 
-def _unpack(value):
+def real_rows(value: Any) -> tuple[Any, int | None]:
+  """`(rows, count)`: a `ShardedRows` inside a program as its padded rows and its
+  number of real rows, which a reduction scans where they lie, masking rows from
+  `count` on (slicing them off inside the program would make each device a shard-sized
+  copy, padded again to split it); anything else as `(value, None)`."""
   if isinstance(value, ShardedRows):
     return value.data, value.count
   return value, None
+
+
+def whole_rows(value: Any) -> Any:
+  """The real rows of a `ShardedRows` inside a program, for a side every device holds
+  whole anyway (the queries, or a set against itself); anything else as it is."""
+  rows, count = real_rows(value)
+  return rows if count is None else rows[:count]
 
 
 def _check_inputs(names_values: dict, options: dict) -> None:
@@ -424,14 +436,13 @@ def topk(queries: ArrayLike, corpus: ShardedRows, k: int, *, mesh: Mesh | None =
   """`jaxsim.topk` over a `ShardedRows` corpus; results replicated on every process."""
   mesh = _mesh_for(corpus, mesh)
   _check_inputs({"queries": queries}, {"k": k, **options})
-  return _topk(queries, corpus.data, count=corpus.count, k=k, mesh=mesh,
-               options=_options(options))
+  return _topk(queries, corpus, k=k, mesh=mesh, options=_options(options))
 
 
-@functools.partial(jax.jit, static_argnames=("count", "k", "mesh", "options"))
-def _topk(queries, data, *, count, k, mesh, options):
+@functools.partial(jax.jit, static_argnames=("k", "mesh", "options"))
+def _topk(queries, corpus, *, k, mesh, options):
   from jaxsim._src import search  # search imports this module
-  return _replicated(mesh, search.topk(queries, data[:count], k, mesh=mesh, **dict(options)))
+  return _replicated(mesh, search.topk(queries, corpus, k, mesh=mesh, **dict(options)))
 
 
 def pairs_above(x, y=None, *, threshold, max_pairs, mesh: Mesh | None = None, **options):
@@ -441,21 +452,18 @@ def pairs_above(x, y=None, *, threshold, max_pairs, mesh: Mesh | None = None, **
   _check_inputs({"x": x, "y": y}, {"threshold": threshold, "max_pairs": max_pairs, **options})
   # Checked here, where it is concrete: inside `_pairs` it is a tracer.
   validation.check_scalar(threshold, "threshold")
-  (xd, xc), (yd, yc) = _unpack(x), _unpack(y)
-  found = _pairs(xd, yd, threshold, xc=xc, yc=yc, max_pairs=max_pairs, mesh=mesh,
-                 options=_options(options))
+  found = _pairs(x, y, threshold, max_pairs=max_pairs, mesh=mesh, options=_options(options))
   if bool(found.overflowed):
     warnings.warn(f"pairs_above: {found.count} pairs qualify but max_pairs={max_pairs}; only "
                   "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=3)
   return found
 
 
-@functools.partial(jax.jit, static_argnames=("xc", "yc", "max_pairs", "mesh", "options"))
-def _pairs(x, y, threshold, *, xc, yc, max_pairs, mesh, options):
+@functools.partial(jax.jit, static_argnames=("max_pairs", "mesh", "options"))
+def _pairs(x, y, threshold, *, max_pairs, mesh, options):
   from jaxsim._src import pairs  # pairs imports this module
-  return _replicated(mesh, pairs.pairs_above(
-      _side(x, xc), None if y is None else _side(y, yc), threshold=threshold,
-      max_pairs=max_pairs, mesh=mesh, **dict(options)))
+  return _replicated(mesh, pairs.pairs_above(x, y, threshold=threshold, max_pairs=max_pairs,
+                                             mesh=mesh, **dict(options)))
 
 
 def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
@@ -463,7 +471,6 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
   rows = x if isinstance(x, ShardedRows) else y
   mesh = _mesh_for(rows, mesh)
   _check_inputs({"x": x, "y": y}, options)
-  (xd, xc), (yd, yc) = _unpack(x), _unpack(y)
   from jaxsim._src import stats  # stats imports this module
 
   # `similarity_stats` takes the histogram range as a runtime value; it is passed in as
@@ -474,20 +481,19 @@ def similarity_stats(x, y=None, *, mesh: Mesh | None = None, **options):
     ends = (-1.0, 1.0)
   if ends is not None:
     # Checked here, where it is concrete: inside `_stats` the ends are tracers.
-    acc = kernels.accum_dtype(xd.dtype)
+    acc = kernels.accum_dtype(x.dtype)
     default_bins = inspect.signature(stats.similarity_stats).parameters["bins"].default
     stats.check_range(ends, options.get("bins", default_bins), acc)
     ends = np.asarray(ends, acc)  # one (2,) array: a tuple of tracers is not array-like
-  return _stats(xd, yd, ends, xc=xc, yc=yc, mesh=mesh, options=_options(options))
+  return _stats(x, y, ends, mesh=mesh, options=_options(options))
 
 
-@functools.partial(jax.jit, static_argnames=("xc", "yc", "mesh", "options"))
-def _stats(x, y, ends, *, xc, yc, mesh, options):
+@functools.partial(jax.jit, static_argnames=("mesh", "options"))
+def _stats(x, y, ends, *, mesh, options):
   from jaxsim._src import stats  # stats imports this module
 
   options = dict(options) if ends is None else {**dict(options), "range": ends}
-  return _replicated(mesh, stats.similarity_stats(
-      _side(x, xc), None if y is None else _side(y, yc), mesh=mesh, **options))
+  return _replicated(mesh, stats.similarity_stats(x, y, mesh=mesh, **options))
 
 
 # --- an Index over processes --------------------------------------------------------

@@ -178,7 +178,7 @@ def prepare(x: jax.Array, metric: str, *, eps: float | jax.Array = 0.0,
   return Prepared(x, jnp.zeros(x.shape[:-1], acc))
 
 
-def centre(y: jax.Array, *, mesh=None) -> jax.Array:
+def centre(y: jax.Array, *, mesh=None, count: int | None = None) -> jax.Array:
   """The `shift` that `prepare` uses for the Euclidean metrics: about the mean row.
 
   Rows with an infinite or NaN entry are left out of the mean, so that one bad row
@@ -192,12 +192,15 @@ def centre(y: jax.Array, *, mesh=None) -> jax.Array:
   Args:
     y: `(..., m, d)` rows.
     mesh: a `jax.sharding.Mesh` the rows are split over, or None.
+    count: only the first `count` rows are real (the rest padding, as in a
+      `jaxsim.shard_rows` corpus); default all `m`.
 
   Returns:
     `(..., 1, d)` shift in `accum_dtype(y.dtype)`.
   """
   acc = accum_dtype(y.dtype)
   batch, (m, d) = y.shape[:-2], y.shape[-2:]
+  m = m if count is None else count
 
   def sums(rows, offset, m):
     def step(carry, block, start, valid):
@@ -214,11 +217,11 @@ def centre(y: jax.Array, *, mesh=None) -> jax.Array:
                                 remat=False, pad_tail=False)
 
   if mesh is None:
-    total, count = sums(y, jnp.int32(0), m)
+    total, finite = sums(y, jnp.int32(0), m)
   else:
-    total, count = sharding.map_shards(sums, y, jnp.int32(m), mesh=mesh)
-    total, count = jnp.sum(total, axis=0), jnp.sum(count, axis=0)
-  mean = total / jnp.maximum(count, 1).astype(acc)
+    total, finite = sharding.map_shards(sums, y, jnp.int32(m), mesh=mesh)
+    total, finite = jnp.sum(total, axis=0), jnp.sum(finite, axis=0)
+  mean = total / jnp.maximum(finite, 1).astype(acc)
   mantissa, exponent = jnp.frexp(mean)
   return jax.lax.stop_gradient(jnp.ldexp(jnp.round(mantissa * 256.0), exponent - 8))
 

@@ -174,10 +174,11 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   """
   if y is not None:  # x of a set against itself is on every device anyway
     y = distributed.place_rows(y, mesh, "y")
-  if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
+  if distributed.placed(x) or distributed.placed(y):
     return distributed.pairs_above(x, y, threshold=threshold, max_pairs=max_pairs, mesh=mesh,
                                    metric=metric, block_size=block_size,
                                    query_block_size=query_block_size, precision=precision)
+  x, (y, y_count) = distributed.whole_rows(x), distributed.real_rows(y)
   kernels.check_metric(metric)
   mesh = distributed.prepare_call(mesh, x if y is None else y, name="x" if y is None else "y",
                                   **({} if y is None else {"x": x}), threshold=threshold,
@@ -189,13 +190,14 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
   sharding.check_mesh(mesh)
   n = x.shape[0]
-  bound = n * (n - 1) // 2 if y is None else n * y.shape[0]
+  m = None if y is None else y.shape[0] if y_count is None else y_count
+  bound = n * (n - 1) // 2 if y is None else n * m
   capacity = min(max_pairs, bound)
   if bound == 0:
     none = jnp.full((0,), -1, jnp.int32)
     return Pairs(none, none, jnp.zeros((0,), x.dtype), jnp.int32(0), jnp.bool_(False))
   found = _pairs(x, y, validation.canonical_scalar(threshold, kernels.accum_dtype(x.dtype)),
-                 metric=metric, max_pairs=capacity, block_size=block_size,
+                 m=m, metric=metric, max_pairs=capacity, block_size=block_size,
                  query_block_size=query_block_size, mesh=mesh, precision=precision,
                  bound=bound)
   if not isinstance(found.overflowed, jax.core.Tracer) and bool(found.overflowed):
@@ -238,9 +240,9 @@ def _tile_pairs(found, rows, cols, raw_rows, raw_cols, ids, col_ids, ok, thresho
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "metric", "max_pairs", "block_size", "query_block_size", "mesh", "precision", "bound"))
-def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, mesh, precision,
-           bound):
+    "m", "metric", "max_pairs", "block_size", "query_block_size", "mesh", "precision", "bound"))
+def _pairs(x, y, threshold, *, m=None, metric, max_pairs, block_size, query_block_size, mesh,
+           precision, bound):
   # Distances are compared squared; a negative distance threshold passes no pair.
   limit = (jnp.where(threshold >= 0, threshold * threshold, -1.0)
            if metric == "euclidean" else threshold)
@@ -248,7 +250,7 @@ def _pairs(x, y, threshold, *, metric, max_pairs, block_size, query_block_size, 
   if y is None:
     parts = _triangle(x, threshold, limit, block_size=block_size, mesh=mesh, **options)
   else:
-    parts = _cross(x, y, threshold, limit, block_size=block_size,
+    parts = _cross(x, y, threshold, limit, m=m, block_size=block_size,
                    query_block_size=query_block_size, mesh=mesh, **options)
   rows, cols, scores = parts.rows.reshape(-1), parts.cols.reshape(-1), parts.scores.reshape(-1)
   rows, cols, scores = _sort_pairs(rows, cols, scores)
@@ -291,15 +293,15 @@ def _triangle(x, threshold, limit, *, metric, max_pairs, block_size, mesh, preci
   return sharding.map_devices(local, x, shift, threshold, limit, mesh=mesh)
 
 
-def _cross(x, y, threshold, limit, *, metric, max_pairs, block_size, query_block_size, mesh,
+def _cross(x, y, threshold, limit, *, m, metric, max_pairs, block_size, query_block_size, mesh,
            precision):
-  """Per-device buffers of the pairs of `x` against `y`, the `y` rows split over the
-  devices (`sharding.map_shards`)."""
-  n, m = x.shape[0], y.shape[0]
+  """Per-device buffers of the pairs of `x` against the first `m` rows of `y` (the rest
+  padding), the `y` rows split over the devices (`sharding.map_shards`)."""
+  n = x.shape[0]
   euclid = metric in kernels.DISTANCES
   acc = kernels.accum_dtype(x.dtype)
-  shift = kernels.centre(y, mesh=mesh) if euclid else jnp.zeros((1, 1), acc)
-  qb, nb = stats.tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size,
+  shift = kernels.centre(y, mesh=mesh, count=m) if euclid else jnp.zeros((1, 1), acc)
+  qb, nb = stats.tile_sizes(n, sharding.shard_rows(y.shape[0], mesh), block_size, query_block_size,
                             block=defaults.stats_block())
   prep = lambda rows, shift: kernels.prepare(rows, metric, shift=shift if euclid else None)
 

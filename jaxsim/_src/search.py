@@ -240,10 +240,11 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
                            approx=approx, recall_target=recall_target, mesh=mesh,
                            precision=precision)
   corpus = distributed.place_rows(corpus, mesh)
-  if isinstance(corpus, distributed.ShardedRows):
+  if distributed.placed(corpus):
     return distributed.topk(queries, corpus, k, mesh=mesh, metric=metric, block_size=block_size,
                             query_block_size=query_block_size, exclude_self=exclude_self,
                             approx=approx, recall_target=recall_target, precision=precision)
+  corpus, count = distributed.real_rows(corpus)
   kernels.check_metric(metric)
   mesh = distributed.prepare_call(mesh, corpus, queries=queries, k=k, metric=metric,
                                   block_size=block_size, query_block_size=query_block_size,
@@ -255,15 +256,16 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
   sharding.check_mesh(mesh)
   exclude_self = validation.check_bool(exclude_self, "exclude_self")
   approx = validation.check_bool(approx, "approx")
-  q, n = queries.shape[0], corpus.shape[0]
+  q, n = queries.shape[0], corpus.shape[0] if count is None else count
+  shape = (n, corpus.shape[1])
   if exclude_self and q != n:
     raise ValueError("`exclude_self=True` needs the queries to be the corpus rows, got "
-                     f"queries.shape={queries.shape} and corpus.shape={corpus.shape}.")
+                     f"queries.shape={queries.shape} and corpus.shape={shape}.")
   recall_target = check_k_and_recall(k, n, exclude_self=exclude_self, recall_target=recall_target,
-                                     rows="corpus rows", shapes=f"corpus.shape={corpus.shape}")
+                                     rows="corpus rows", shapes=f"corpus.shape={shape}")
   if q == 0:
     return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), jnp.int32)
-  return _topk(queries, corpus, k=k, metric=metric, block_size=block_size,
+  return _topk(queries, corpus, n=n, k=k, metric=metric, block_size=block_size,
                query_block_size=query_block_size, exclude_self=exclude_self, approx=approx,
                recall_target=recall_target, mesh=mesh, precision=precision)
 
@@ -282,16 +284,16 @@ def check_k_and_recall(k: int, n: int, *, exclude_self: bool, recall_target, row
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k", "metric", "block_size", "query_block_size", "exclude_self", "approx", "recall_target",
-    "mesh", "precision"))
-def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_self, approx,
+    "n", "k", "metric", "block_size", "query_block_size", "exclude_self", "approx",
+    "recall_target", "mesh", "precision"))
+def _topk(queries, corpus, *, n, k, metric, block_size, query_block_size, exclude_self, approx,
           recall_target, mesh, precision):
   euclid = metric in kernels.DISTANCES
-  shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1))
+  shift = kernels.centre(corpus, mesh=mesh, count=n) if euclid else jnp.zeros((1, 1))
   qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
   prepare_block = lambda block, shift: kernels.prepare(
       block, metric, shift=shift if euclid else None)
-  scores, ids = topk_prepared(qp, corpus, shift, prepare_block, corpus.shape[0], k=k,
+  scores, ids = topk_prepared(qp, corpus, shift, prepare_block, n, k=k,
                               metric=metric, block_size=block_size,
                               query_block_size=query_block_size, exclude_self=exclude_self,
                               approx=approx, recall_target=recall_target, mesh=mesh,

@@ -286,11 +286,12 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
   """
   if y is not None:  # x of a set against itself is on every device anyway
     y = distributed.place_rows(y, mesh, "y")
-  if isinstance(x, distributed.ShardedRows) or isinstance(y, distributed.ShardedRows):
+  if distributed.placed(x) or distributed.placed(y):
     return distributed.similarity_stats(
         x, y, mesh=mesh, metric=metric, bins=bins, range=range,
         exclude_diagonal=exclude_diagonal, block_size=block_size,
         query_block_size=query_block_size, precision=precision)
+  x, (y, y_count) = distributed.whole_rows(x), distributed.real_rows(y)
   kernels.check_metric(metric)
   mesh = distributed.prepare_call(mesh, x if y is None else y, name="x" if y is None else "y",
                                   **({} if y is None else {"x": x}), metric=metric, bins=bins,
@@ -307,16 +308,16 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     range = (-1.0, 1.0)
   lo, hi = check_range(range, bins, kernels.accum_dtype(x.dtype))
   n = x.shape[0]
-  m = n if y is None else y.shape[0]
+  m = None if y is None else y.shape[0] if y_count is None else y_count
   if y is None:
     pairs = n * (n - 1) // 2 + (0 if exclude_diagonal else n)
   else:
     pairs = n * m
   if pairs == 0:
     raise ValueError(f"There are no pairs to summarise: x.shape={x.shape}, "
-                     f"y.shape={None if y is None else y.shape}, "
+                     f"y.shape={None if y is None else (m, y.shape[1])}, "
                      f"exclude_diagonal={exclude_diagonal}.")
-  return _stats(x, y, lo, hi, metric=metric, bins=bins,
+  return _stats(x, y, lo, hi, m=m, metric=metric, bins=bins,
                 diagonal=None if y is not None else not exclude_diagonal,
                 block_size=block_size, query_block_size=query_block_size, mesh=mesh,
                 precision=precision, bound=pairs)
@@ -459,9 +460,9 @@ def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precis
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "metric", "bins", "diagonal", "block_size", "query_block_size", "mesh", "precision",
+    "m", "metric", "bins", "diagonal", "block_size", "query_block_size", "mesh", "precision",
     "bound"))
-def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size, mesh,
+def _stats(x, y, lo, hi, *, m=None, metric, bins, diagonal, block_size, query_block_size, mesh,
            precision, bound):
   acc_dtype = kernels.accum_dtype(x.dtype)
   make_edges = lambda lo, hi: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)
@@ -469,7 +470,7 @@ def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size
     parts = _triangle(x, make_edges, lo, hi, metric=metric, diagonal=diagonal,
                       block_size=block_size, mesh=mesh, precision=precision)
   else:
-    parts = _cross(x, y, make_edges, lo, hi, metric=metric, block_size=block_size,
+    parts = _cross(x, y, make_edges, lo, hi, m=m, metric=metric, block_size=block_size,
                    query_block_size=query_block_size, mesh=mesh, precision=precision)
   total = jax.tree.map(lambda leaf: leaf[0], parts)
   for i in range(1, parts.min.shape[0]):
@@ -489,14 +490,14 @@ def _stats(x, y, lo, hi, *, metric, bins, diagonal, block_size, query_block_size
       bin_edges=make_edges(lo, hi))
 
 
-def _cross(x, y, make_edges, lo, hi, *, metric, block_size, query_block_size, mesh,
+def _cross(x, y, make_edges, lo, hi, *, m, metric, block_size, query_block_size, mesh,
            precision):
-  """Per-device summaries of all pairs of `x` against `y`, the `y` rows split over the
-  devices (`sharding.map_shards`)."""
-  n, m = x.shape[0], y.shape[0]
+  """Per-device summaries of all pairs of `x` against the first `m` rows of `y` (the
+  rest padding), the `y` rows split over the devices (`sharding.map_shards`)."""
+  n = x.shape[0]
   euclid = metric in kernels.DISTANCES
-  shift = kernels.centre(y, mesh=mesh) if euclid else jnp.zeros((1, 1))
-  qb, nb = tile_sizes(n, sharding.shard_rows(m, mesh), block_size, query_block_size,
+  shift = kernels.centre(y, mesh=mesh, count=m) if euclid else jnp.zeros((1, 1))
+  qb, nb = tile_sizes(n, sharding.shard_rows(y.shape[0], mesh), block_size, query_block_size,
                       block=defaults.stats_block())
   xp = kernels.prepare(x, metric, shift=shift if euclid else None)
   q_pad = -(-n // qb) * qb
