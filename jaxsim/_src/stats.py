@@ -219,6 +219,15 @@ def _histogram(bucket: jax.Array, bins: int) -> WideCount:
   return wide_add(wide_zeros((bins,)), hist[:bins])
 
 
+def _count(pred: jax.Array, dtype) -> jax.Array:
+  """`jnp.sum(pred)` as int32, summed as floats where that is exact (every partial sum
+  an integer below 2**(mantissa + 1)): XLA:CPU fuses a float sum with its operand into
+  one vectorised pass, where an int32 sum first writes the tile of 0/1 to memory."""
+  if pred.size > 2 ** (jnp.finfo(dtype).nmant + 1):
+    return jnp.sum(pred, dtype=jnp.int32)
+  return jnp.sum(jnp.where(pred, jnp.ones((), dtype), jnp.zeros((), dtype))).astype(jnp.int32)
+
+
 def _tile_moments(s: jax.Array, mask: jax.Array | None, grid: _Bins) -> _Moments:
   """The summary of the scores `s` where `mask` holds (one tile, a few MiB), with a
   histogram over the bins of `grid`. `mask=None` takes every score: no mask
@@ -229,12 +238,12 @@ def _tile_moments(s: jax.Array, mask: jax.Array | None, grid: _Bins) -> _Moments
   if mask is None:
     n = s.size
     total = jnp.sum(s)
-    dev = s - total / n
 
     def summary(_):
+      dev = s - total / n  # here, to fuse into its reduction instead of a tile in memory
       return _Moments(
           wide_add(wide_zeros(), jnp.int32(n)), total, z, jnp.sum(dev * dev), z, jnp.min(s),
-          jnp.max(s), wide_add(wide_zeros(), jnp.sum(s >= 0, dtype=jnp.int32)),
+          jnp.max(s), wide_add(wide_zeros(), _count(s >= 0, s.dtype)),
           _histogram(_bucket(s, grid), bins), wide_zeros())
 
     masked = lambda _: _tile_moments(s, jnp.ones(s.shape, bool), grid)
