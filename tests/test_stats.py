@@ -162,6 +162,8 @@ def test_bins_exact_on_and_next_to_every_edge(lo, hi, bins):
   assert np.all(np.diff(edges) > 0)
   ulp = np.spacing(np.float32(max(abs(lo), abs(hi))))
   assert np.max(np.abs(edges - np.linspace(lo, hi, bins + 1))) <= 2 * ulp
+  if lo == -hi:  # the middle edge of a symmetric range is 0 itself, as numpy's
+    assert edges[bins // 2] == 0
   vals = _around_edges(edges, lo, hi, bins)
   want, _ = np.histogram(vals, bins=edges)
   # Cross form (masked tiles): `x_i * 1` is the value itself.

@@ -125,11 +125,13 @@ def _combine(a: _Moments, b: _Moments) -> _Moments:
 
 
 class _Bins(NamedTuple):
-  """Equal-width histogram bins: the `(bins + 1,)` `edges` and the bin width split into
-  `steps` (see `_bin_steps`), from which any fusion recomputes an edge bit for bit."""
+  """Equal-width histogram bins: the `(bins + 1,)` `edges`, and the bin width split into
+  `steps` and the `snap` (see `_edge`), from which any fusion recomputes an edge bit
+  for bit."""
 
   edges: jax.Array
   steps: tuple[jax.Array, ...]
+  snap: jax.Array
 
 
 def _bin_steps(lo: jax.Array, hi: jax.Array, bins: int) -> tuple[jax.Array, ...]:
@@ -158,23 +160,30 @@ def _bin_steps(lo: jax.Array, hi: jax.Array, bins: int) -> tuple[jax.Array, ...]
   return tuple(steps)
 
 
-def _edge(k: jax.Array, lo: jax.Array, steps: tuple[jax.Array, ...]) -> jax.Array:
-  """Edge `k` (int) of the bins starting at `lo`, bit for bit wherever it is computed."""
+def _edge(k: jax.Array, lo: jax.Array, steps: tuple[jax.Array, ...],
+          snap: jax.Array) -> jax.Array:
+  """Edge `k` (int) of the bins starting at `lo`, bit for bit wherever it is computed.
+
+  An edge within `snap` (half a unit in the last place of the wider end, the edge's own
+  rounding error) of 0 is 0, so that the middle edge of a symmetric range is exactly 0
+  as in `numpy.linspace`, not the rounding error of `lo + k * width`.
+  """
   k = k.astype(lo.dtype)
   edge = lo
   for part in steps:
     edge = edge + k * part
-  return edge
+  return jnp.where(jnp.abs(edge) < snap, jnp.zeros((), lo.dtype), edge)
 
 
 def _make_bins(lo: jax.Array, hi: jax.Array, bins: int) -> _Bins:
   """`bins` equal-width bins over `[lo, hi]`: edges within a unit or two in the last place
   of `linspace(lo, hi, bins + 1)`, the last one `hi` itself."""
   steps = _bin_steps(lo, hi, bins)
+  snap = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * (jnp.finfo(lo.dtype).eps / 2)
   if not steps:
-    return _Bins(jnp.linspace(lo, hi, bins + 1, dtype=lo.dtype), ())
+    return _Bins(jnp.linspace(lo, hi, bins + 1, dtype=lo.dtype), (), snap)
   k = jnp.arange(bins + 1, dtype=jnp.int32)
-  return _Bins(jnp.where(k == bins, hi, _edge(k, lo, steps)), steps)
+  return _Bins(jnp.where(k == bins, hi, _edge(k, lo, steps, snap)), steps, snap)
 
 
 def _bucket(s: jax.Array, bins: _Bins) -> jax.Array:
@@ -189,8 +198,8 @@ def _bucket(s: jax.Array, bins: _Bins) -> jax.Array:
   lo, hi = edges[0], edges[-1]
   guess = jnp.clip(jnp.floor((s - lo) * (count / (hi - lo))), 0, count - 1).astype(jnp.int32)
   if bins.steps:  # the guess's two edges recomputed in place: no gather per score
-    below = s < _edge(guess, lo, bins.steps)
-    above = (s >= _edge(guess + 1, lo, bins.steps)) & (guess < count - 1)
+    below = s < _edge(guess, lo, bins.steps, bins.snap)
+    above = (s >= _edge(guess + 1, lo, bins.steps, bins.snap)) & (guess < count - 1)
     idx = guess - below.astype(jnp.int32) + above.astype(jnp.int32)
   else:
     idx = guess - (s < edges[guess]).astype(jnp.int32)
