@@ -176,8 +176,8 @@ def _edge(k: jax.Array, lo: jax.Array, steps: tuple[jax.Array, ...],
 
 
 def _make_bins(lo: jax.Array, hi: jax.Array, bins: int) -> _Bins:
-  """`bins` equal-width bins over `[lo, hi]`: edges within a unit or two in the last place
-  of `linspace(lo, hi, bins + 1)`, the last one `hi` itself."""
+  """`bins` equal-width bins over `[lo, hi]`: edges within about a unit in the last place
+  of `max(|lo|, |hi|)` of the exact ones (as `linspace`'s), the last one `hi` itself."""
   steps = _bin_steps(lo, hi, bins)
   snap = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * (jnp.finfo(lo.dtype).eps / 2)
   if not steps:
@@ -287,7 +287,10 @@ class SimilarityStats(NamedTuple):
     share_nonnegative: fraction of pairs with score `>= 0`.
     histogram: `(bins,)` exact counts per bin, same dtype as `count`. Scores outside
       `range` are not counted, as in `numpy.histogram`.
-    bin_edges: `(bins + 1,)` edges; the last bin includes its right edge.
+    bin_edges: `(bins + 1,)` edges; the last bin includes its right edge. Within about
+      a unit in the last place of `max(|lo|, |hi|)` of the exact equal-width edges,
+      and an edge within half a unit of 0 is 0 (the middle of a symmetric range);
+      the histogram is `numpy.histogram(scores, bins=bin_edges)` exactly.
   """
 
   count: jax.Array
