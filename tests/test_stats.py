@@ -133,14 +133,47 @@ def test_stats_error_without_pairs_and_bad_shapes():
     jaxsim.similarity_stats(np.ones(3))
 
 
-def test_values_on_bin_edges_land_where_numpy_puts_them():
-  # Scores equal to every interior edge (dot with a one-hot row gives the value back).
-  edges = np.asarray(jaxsim.similarity_stats(np.ones((1, 1)), np.ones((1, 1)), metric="dot",
-                                             bins=100, range=(-1, 1)).bin_edges)
-  got = jaxsim.similarity_stats(edges[:, None], np.ones((1, 1), np.float32), metric="dot",
-                                bins=100, range=(-1, 1))
-  want, _ = np.histogram(edges, bins=edges)
+def _around_edges(edges: np.ndarray, lo: float, hi: float, seed: int) -> np.ndarray:
+  """Every edge and its two float32 neighbours, the values just outside `[lo, hi]`, and
+  uniform values over and beyond it; an odd count. No subnormals: XLA:CPU flushes them
+  to zero, numpy does not."""
+  e = edges.astype(np.float32)
+  up, down = np.float32(np.inf), np.float32(-np.inf)
+  width = hi - lo
+  vals = np.concatenate([
+      e, np.nextafter(e, down), np.nextafter(e, up),
+      np.float32([lo - width, hi + width]),
+      np.random.default_rng(seed).uniform(lo - 0.1 * width, hi + 0.1 * width, 3000)
+  ]).astype(np.float32)
+  vals = vals[(vals == 0) | (np.abs(vals) >= np.finfo(np.float32).tiny)]
+  return vals[vals.size % 2 == 0:]
+
+
+@pytest.mark.parametrize("lo,hi,bins", [(-1.0, 1.0, 100), (-3.3, 7.1, 37), (1e3, 1e3 + 1, 100),
+                                        (-1.0, 1.0, 40000)])
+def test_bins_exact_on_and_next_to_every_edge(lo, hi, bins):
+  # The bins are found without gathering the edges (`stats._bin_steps`), or, for more
+  # bins than that allows (40000), with the gather. Either way numpy with the returned
+  # edges puts every value in the same bin: each edge, its neighbours, lo, hi, outside.
+  ones = np.ones((1, 1), np.float32)
+  edges = np.asarray(jaxsim.similarity_stats(ones, ones, metric="dot", bins=bins,
+                                             range=(lo, hi)).bin_edges)
+  assert edges[0] == np.float32(lo) and edges[-1] == np.float32(hi)
+  assert np.all(np.diff(edges) > 0)
+  ulp = np.spacing(np.float32(max(abs(lo), abs(hi))))
+  assert np.max(np.abs(edges - np.linspace(lo, hi, bins + 1))) <= 2 * ulp
+  if lo == -hi:  # the middle edge of a symmetric range is 0 itself, as numpy's
+    assert edges[bins // 2] == 0
+  vals = _around_edges(edges, lo, hi, bins)
+  want, _ = np.histogram(vals, bins=edges)
+  # Cross form (masked tiles): `x_i * 1` is the value itself.
+  got = jaxsim.similarity_stats(vals[:, None], ones, metric="dot", bins=bins, range=(lo, hi))
   np.testing.assert_array_equal(got.histogram, want)
+  # A tile inside the triangle (no mask), an odd number of scores.
+  grid = stats._make_bins(jnp.float32(lo), jnp.float32(hi), bins)
+  tile = stats._tile_moments(jnp.asarray(vals), None, grid)
+  np.testing.assert_array_equal(tile.hist.lo, want)
+  assert int(tile.nonneg.lo) == np.sum(vals >= 0)
 
 
 def test_float64_under_x64_matches_numpy():

@@ -124,44 +124,138 @@ def _combine(a: _Moments, b: _Moments) -> _Moments:
       wide_sum(a.nonneg, b.nonneg), wide_sum(a.hist, b.hist), wide_sum(a.nans, b.nans))
 
 
-def _bucket(s: jax.Array, edges: jax.Array) -> jax.Array:
-  """Each score's histogram bin, `bins` for scores outside `[edges[0], edges[-1]]`."""
-  bins = edges.shape[0] - 1
+class _Bins(NamedTuple):
+  """Equal-width histogram bins: the `(bins + 1,)` `edges`, and the bin width split into
+  `steps` and the `snap` (see `_edge`), from which any fusion recomputes an edge bit
+  for bit."""
+
+  edges: jax.Array
+  steps: tuple[jax.Array, ...]
+  snap: jax.Array
+
+
+def _bin_steps(lo: jax.Array, hi: jax.Array, bins: int) -> tuple[jax.Array, ...]:
+  """The width `(hi - lo) / bins` as a sum of a few short floats (empty: too many bins).
+
+  Each part keeps only as many significant bits as a product `k * part`, `0 <= k <=
+  bins`, leaves exact, so the edge `lo + k * part_1 + k * part_2 + ...`, summed left to
+  right, has one rounding per addition and no other: the same bits whether or not the
+  compiler fuses a product into an add (FMA), in every fusion that computes it. That is
+  what lets the histogram test a score against its edges without gathering them.
+  """
+  p = jnp.finfo(lo.dtype).nmant + 1
+  keep = p - bins.bit_length()
+  terms = -(-(p + 2) // keep) if keep > 0 else 0
+  if not 0 < terms <= 3:
+    return ()
+  itype = jnp.int32 if p <= 24 else jnp.int64
+  clear = jnp.asarray(~((1 << (p - keep)) - 1), itype)
+  rest = (hi - lo) / bins
+  steps = []
+  for _ in range(terms):
+    part = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(rest, itype) & clear, lo.dtype)
+    steps.append(part)
+    rest = rest - part  # exact: the bits `part` left out
+  return tuple(steps)
+
+
+def _edge(k: jax.Array, lo: jax.Array, steps: tuple[jax.Array, ...],
+          snap: jax.Array) -> jax.Array:
+  """Edge `k` (int) of the bins starting at `lo`, bit for bit wherever it is computed.
+
+  An edge within `snap` (half a unit in the last place of the wider end, the edge's own
+  rounding error) of 0 is 0, so that the middle edge of a symmetric range is exactly 0
+  as in `numpy.linspace`, not the rounding error of `lo + k * width`.
+  """
+  k = k.astype(lo.dtype)
+  edge = lo
+  for part in steps:
+    edge = edge + k * part
+  return jnp.where(jnp.abs(edge) < snap, jnp.zeros((), lo.dtype), edge)
+
+
+def _make_bins(lo: jax.Array, hi: jax.Array, bins: int) -> _Bins:
+  """`bins` equal-width bins over `[lo, hi]`: edges within about a unit in the last place
+  of `max(|lo|, |hi|)` of the exact ones (as `linspace`'s), the last one `hi` itself."""
+  steps = _bin_steps(lo, hi, bins)
+  snap = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * (jnp.finfo(lo.dtype).eps / 2)
+  if not steps:
+    return _Bins(jnp.linspace(lo, hi, bins + 1, dtype=lo.dtype), (), snap)
+  k = jnp.arange(bins + 1, dtype=jnp.int32)
+  return _Bins(jnp.where(k == bins, hi, _edge(k, lo, steps, snap)), steps, snap)
+
+
+def _bucket(s: jax.Array, bins: _Bins) -> jax.Array:
+  """Each score's histogram bin, `bins` for scores outside `[edges[0], edges[-1]]`.
+
+  As `numpy.histogram`: an arithmetic guess, then corrected against the edges
+  themselves (the guess can be one bin off next to an edge), so that a value equal to an
+  edge lands in the bin that edge opens and `hi` in the last bin.
+  """
+  edges = bins.edges
+  count = edges.shape[0] - 1
   lo, hi = edges[0], edges[-1]
-  idx = jnp.clip(jnp.floor((s - lo) * (bins / (hi - lo))), 0, bins - 1).astype(jnp.int32)
-  # The arithmetic guess can be one bin off next to an edge; correct it against the
-  # edges themselves, as numpy.histogram does, so a value equal to an edge lands in
-  # the bin that edge opens (and `hi` in the last bin).
-  idx = idx - (s < edges[idx]).astype(jnp.int32)
-  idx = idx + ((s >= edges[idx + 1]) & (idx < bins - 1)).astype(jnp.int32)
-  return jnp.where((s >= lo) & (s <= hi), idx, bins)
+  guess = jnp.clip(jnp.floor((s - lo) * (count / (hi - lo))), 0, count - 1).astype(jnp.int32)
+  if bins.steps:  # the guess's two edges recomputed in place: no gather per score
+    below = s < _edge(guess, lo, bins.steps, bins.snap)
+    above = (s >= _edge(guess + 1, lo, bins.steps, bins.snap)) & (guess < count - 1)
+    idx = guess - below.astype(jnp.int32) + above.astype(jnp.int32)
+  else:
+    idx = guess - (s < edges[guess]).astype(jnp.int32)
+    idx = idx + ((s >= edges[idx + 1]) & (idx < count - 1)).astype(jnp.int32)
+  return jnp.where((s >= lo) & (s <= hi), idx, count)
 
 
 def _histogram(bucket: jax.Array, bins: int) -> WideCount:
-  """Counts per bin of `bucket` values in `[0, bins]` (`bins`: outside the range)."""
-  hist = jnp.zeros(bins + 1, jnp.int32).at[bucket.ravel()].add(1, mode="promise_in_bounds")
+  """Counts per bin of `bucket` values in `[0, bins]` (`bins`: outside the range).
+
+  A scatter-add on XLA:CPU costs about one update's latency per value; for a small
+  table, the values are counted two at a time as pairs in a `(bins + 1)^2` table, half
+  the updates, and the table's row and column sums are the counts.
+  """
+  flat = bucket.ravel()
+  width = bins + 1
+  if width * width <= 1 << 16 and flat.size > 1:
+    if flat.size % 2:
+      flat = jnp.append(flat, bins)
+    pairs = flat.reshape(-1, 2)
+    table = jnp.zeros(width * width, jnp.int32).at[pairs[:, 0] * width + pairs[:, 1]].add(
+        1, mode="promise_in_bounds").reshape(width, width)
+    hist = jnp.sum(table, axis=0, dtype=jnp.int32) + jnp.sum(table, axis=1, dtype=jnp.int32)
+  else:
+    hist = jnp.zeros(width, jnp.int32).at[flat].add(1, mode="promise_in_bounds")
   return wide_add(wide_zeros((bins,)), hist[:bins])
 
 
-def _tile_moments(s: jax.Array, mask: jax.Array | None, edges: jax.Array) -> _Moments:
+def _count(pred: jax.Array, dtype) -> jax.Array:
+  """`jnp.sum(pred)` as int32, summed as floats where that is exact (every partial sum
+  an integer below 2**(mantissa + 1)): XLA:CPU fuses a float sum with its operand into
+  one vectorised pass, where an int32 sum first writes the tile of 0/1 to memory."""
+  if pred.size > 2 ** (jnp.finfo(dtype).nmant + 1):
+    return jnp.sum(pred, dtype=jnp.int32)
+  return jnp.sum(jnp.where(pred, jnp.ones((), dtype), jnp.zeros((), dtype))).astype(jnp.int32)
+
+
+def _tile_moments(s: jax.Array, mask: jax.Array | None, grid: _Bins) -> _Moments:
   """The summary of the scores `s` where `mask` holds (one tile, a few MiB), with a
-  histogram over the `(bins + 1,)` `edges`. `mask=None` takes every score: no mask
+  histogram over the bins of `grid`. `mask=None` takes every score: no mask
   pass at all, the common case of a tile inside the triangle; a NaN or an infinite
   sum there falls back to the masked form, which flags NaN scores one by one."""
-  bins = edges.shape[0] - 1
+  bins = grid.edges.shape[0] - 1
   z = jnp.zeros((), s.dtype)
   if mask is None:
     n = s.size
     total = jnp.sum(s)
-    dev = s - total / n
 
     def summary(_):
+      dev = s - total / n  # here, to fuse into its reduction instead of a tile in memory
       return _Moments(
           wide_add(wide_zeros(), jnp.int32(n)), total, z, jnp.sum(dev * dev), z, jnp.min(s),
-          jnp.max(s), wide_add(wide_zeros(), jnp.sum(s >= 0, dtype=jnp.int32)),
-          _histogram(_bucket(s, edges), bins), wide_zeros())
+          jnp.max(s), wide_add(wide_zeros(), _count(s >= 0, s.dtype)),
+          _histogram(_bucket(s, grid), bins), wide_zeros())
 
-    masked = lambda _: _tile_moments(s, jnp.ones(s.shape, bool), edges)
+    masked = lambda _: _tile_moments(s, jnp.ones(s.shape, bool), grid)
     return jax.lax.cond(jnp.isfinite(total), summary, masked, None)
   # NaN scores are flagged and kept out of every sum, explicitly: a NaN inside a fused
   # min/max reduction on XLA:CPU does not reliably come out as NaN.
@@ -175,7 +269,7 @@ def _tile_moments(s: jax.Array, mask: jax.Array | None, edges: jax.Array) -> _Mo
       wide_add(wide_zeros(), n), total, z, jnp.sum(dev * dev), z,
       jnp.min(jnp.where(mask, s, jnp.inf)), jnp.max(jnp.where(mask, s, -jnp.inf)),
       wide_add(wide_zeros(), jnp.sum(mask & (s >= 0), dtype=jnp.int32)),
-      _histogram(jnp.where(mask, _bucket(s, edges), bins), bins),
+      _histogram(jnp.where(mask, _bucket(s, grid), bins), bins),
       wide_add(wide_zeros(), jnp.sum(nan, dtype=jnp.int32)))
 
 
@@ -193,7 +287,10 @@ class SimilarityStats(NamedTuple):
     share_nonnegative: fraction of pairs with score `>= 0`.
     histogram: `(bins,)` exact counts per bin, same dtype as `count`. Scores outside
       `range` are not counted, as in `numpy.histogram`.
-    bin_edges: `(bins + 1,)` edges; the last bin includes its right edge.
+    bin_edges: `(bins + 1,)` edges; the last bin includes its right edge. Within about
+      a unit in the last place of `max(|lo|, |hi|)` of the exact equal-width edges,
+      and an edge within half a unit of 0 is 0 (the middle of a symmetric range);
+      the histogram is `numpy.histogram(scores, bins=bin_edges)` exactly.
   """
 
   count: jax.Array
@@ -354,10 +451,15 @@ def check_range(value, bins: int, dtype) -> tuple[jax.Array, jax.Array]:
   if not np.isfinite(width):
     raise ValueError(f"`range` is too wide: hi - lo overflows {jnp.dtype(dtype).name}, got "
                      f"{value!r}.")
-  if not np.all(np.diff(edges) > 0):
+  if not (np.all(np.diff(edges) > 0) and np.all(np.diff(_edges_of(a, b, bins)) > 0)):
     raise ValueError(f"`range` {value!r} is too narrow for {bins} distinct bins in "
                      f"{jnp.dtype(dtype).name}.")
   return lo, hi
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _edges_of(lo, hi, bins: int) -> jax.Array:
+  return _make_bins(lo, hi, bins).edges
 
 
 def _even_blocks(size: int, cap: int, multiple: int) -> int:
@@ -420,7 +522,7 @@ def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precis
   b = triangle_block(n, block_size)
   acc_dtype = kernels.accum_dtype(x.dtype)
   euclid = metric in kernels.DISTANCES
-  bins = edges_of(lo, hi).shape[0] - 1
+  bins = edges_of(lo, hi).edges.shape[0] - 1
   # The whole set is one corpus: every device computes the same shift from all rows.
   shift = kernels.centre(x) if euclid else None
   xp = kernels.prepare(x, metric, shift=shift)
@@ -465,7 +567,7 @@ def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precis
 def _stats(x, y, lo, hi, *, m=None, metric, bins, diagonal, block_size, query_block_size, mesh,
            precision, bound):
   acc_dtype = kernels.accum_dtype(x.dtype)
-  make_edges = lambda lo, hi: jnp.linspace(lo, hi, bins + 1, dtype=acc_dtype)
+  make_edges = lambda lo, hi: _make_bins(lo, hi, bins)
   if y is None:
     parts = _triangle(x, make_edges, lo, hi, metric=metric, diagonal=diagonal,
                       block_size=block_size, mesh=mesh, precision=precision)
@@ -487,7 +589,7 @@ def _stats(x, y, lo, hi, *, m=None, metric, bins, diagonal, block_size, query_bl
       min=nan(total.min), max=nan(total.max),
       share_nonnegative=wide_float(total.nonneg, acc_dtype) / wide_float(count_all, acc_dtype),
       histogram=wide_result(total.hist, bound),
-      bin_edges=make_edges(lo, hi))
+      bin_edges=make_edges(lo, hi).edges)
 
 
 def _cross(x, y, make_edges, lo, hi, *, m, metric, block_size, query_block_size, mesh,
@@ -507,7 +609,7 @@ def _cross(x, y, make_edges, lo, hi, *, m, metric, block_size, query_block_size,
 
   def local(shard, offset, queries, shift, lo, hi):
     edges = make_edges(lo, hi)
-    bins = edges.shape[0] - 1
+    bins = edges.edges.shape[0] - 1
 
     def corpus_step(acc, block, start, valid):
       bp = kernels.prepare(block, metric, shift=shift if euclid else None)
