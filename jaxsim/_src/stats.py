@@ -514,7 +514,7 @@ def _sq_tile(rows, cols, raw_rows, raw_cols, mask, acc_dtype, precision):
   return refine.refine_where(s, close, exact)
 
 
-def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precision):
+def _triangle(x, lo, hi, *, bins, metric, diagonal, block_size, mesh, precision):
   """Per-device summaries of the pairs `i < j` (`i <= j` with `diagonal`) of `x`, from
   the tiles `i <= j` of `blockscan.triangle_scan`: every device holds all rows and
   walks its share of the tiles (`sharding.map_devices`)."""
@@ -522,13 +522,12 @@ def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precis
   b = triangle_block(n, block_size)
   acc_dtype = kernels.accum_dtype(x.dtype)
   euclid = metric in kernels.DISTANCES
-  bins = edges_of(lo, hi).edges.shape[0] - 1
   # The whole set is one corpus: every device computes the same shift from all rows.
   shift = kernels.centre(x) if euclid else None
   xp = kernels.prepare(x, metric, shift=shift)
 
   def local(index, count, rows, aux, raw, lo, hi):
-    edges = edges_of(lo, hi)
+    grid = _make_bins(lo, hi, bins)
 
     def step(acc, r, c, r_start, c_start, r_valid, c_valid):
       (r_rows, r_aux, r_raw), (c_rows, c_aux, c_raw) = r, c
@@ -540,7 +539,7 @@ def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precis
         else:
           s = _sq_tile(rp, cp, r_raw, c_raw, mask, acc_dtype, precision)
           s = kernels.safe_sqrt(s) if metric == "euclidean" else s
-        return _tile_moments(s, mask, edges)
+        return _tile_moments(s, mask, grid)
 
       def edge_tile(_):
         # The diagonal tile (the same block twice) and the tiles of the last block,
@@ -567,12 +566,11 @@ def _triangle(x, edges_of, lo, hi, *, metric, diagonal, block_size, mesh, precis
 def _stats(x, y, lo, hi, *, m=None, metric, bins, diagonal, block_size, query_block_size, mesh,
            precision, bound):
   acc_dtype = kernels.accum_dtype(x.dtype)
-  make_edges = lambda lo, hi: _make_bins(lo, hi, bins)
   if y is None:
-    parts = _triangle(x, make_edges, lo, hi, metric=metric, diagonal=diagonal,
+    parts = _triangle(x, lo, hi, bins=bins, metric=metric, diagonal=diagonal,
                       block_size=block_size, mesh=mesh, precision=precision)
   else:
-    parts = _cross(x, y, make_edges, lo, hi, m=m, metric=metric, block_size=block_size,
+    parts = _cross(x, y, lo, hi, bins=bins, m=m, metric=metric, block_size=block_size,
                    query_block_size=query_block_size, mesh=mesh, precision=precision)
   total = jax.tree.map(lambda leaf: leaf[0], parts)
   for i in range(1, parts.min.shape[0]):
@@ -589,10 +587,10 @@ def _stats(x, y, lo, hi, *, m=None, metric, bins, diagonal, block_size, query_bl
       min=nan(total.min), max=nan(total.max),
       share_nonnegative=wide_float(total.nonneg, acc_dtype) / wide_float(count_all, acc_dtype),
       histogram=wide_result(total.hist, bound),
-      bin_edges=make_edges(lo, hi).edges)
+      bin_edges=_make_bins(lo, hi, bins).edges)
 
 
-def _cross(x, y, make_edges, lo, hi, *, m, metric, block_size, query_block_size, mesh,
+def _cross(x, y, lo, hi, *, bins, m, metric, block_size, query_block_size, mesh,
            precision):
   """Per-device summaries of all pairs of `x` against the first `m` rows of `y` (the
   rest padding), the `y` rows split over the devices (`sharding.map_shards`)."""
@@ -608,8 +606,7 @@ def _cross(x, y, make_edges, lo, hi, *, m, metric, block_size, query_block_size,
   acc_dtype = kernels.accum_dtype(x.dtype)
 
   def local(shard, offset, queries, shift, lo, hi):
-    edges = make_edges(lo, hi)
-    bins = edges.edges.shape[0] - 1
+    grid = _make_bins(lo, hi, bins)
 
     def corpus_step(acc, block, start, valid):
       bp = kernels.prepare(block, metric, shift=shift if euclid else None)
@@ -621,13 +618,13 @@ def _cross(x, y, make_edges, lo, hi, *, m, metric, block_size, query_block_size,
         ok = (qvalid & (ids < n))[:, None] & col_ok[None, :]
         if not euclid:
           s = kernels.score(kernels.Prepared(rows, aux), bp, metric, precision=precision)
-          return _combine(acc, _tile_moments(s, ok, edges))
+          return _combine(acc, _tile_moments(s, ok, grid))
         # Close pairs recomputed directly, as the dense forms do (`jaxsim._src.refine`).
         raw = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(qstart, n - qb), qb)
         shifted = raw[jnp.arange(qb) + jnp.maximum(qstart + qb - n, 0)]  # last block
         s = _sq_tile(kernels.Prepared(rows, aux), bp, shifted, block, ok, acc_dtype, precision)
         s = kernels.safe_sqrt(s) if metric == "euclidean" else s
-        return _combine(acc, _tile_moments(s, ok, edges))
+        return _combine(acc, _tile_moments(s, ok, grid))
 
       return blockscan.block_scan(query_step, acc, queries, block_size=qb)
 
