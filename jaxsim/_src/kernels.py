@@ -337,12 +337,10 @@ def finish_cosine(dots: jax.Array, ax: jax.Array, ay: jax.Array) -> jax.Array:
 # 1.07x, 1024-row tiles: 0.8-0.9x). Where d is small the full matmul is bound by
 # writing its output, which the mirror writes twice: 0.92x at d=256, 0.78x at d=128,
 # so narrower rows take the one matmul. `dot(x)` and `scaled_dot(x)` take the same tiles
-# under the same gate: the full matmul has no finish pass to save there, and the mirror
-# measured 1.01-1.02x its time at n=2048 and 4096, d=512 (medians; the fastest samples
-# 1.07-1.13x); it also makes them exactly symmetric.
-SYMMETRIC_MIN_ROWS = 2048
+# from 4096 rows: the full matmul has no finish pass for the mirror to save, and at
+# d=512 the mirror measured 1.01-1.12x its time at n=4096 but 0.78-1.02x at n=2048.
+SYMMETRIC_MIN_ROWS = {"cosine": 2048, "dot": 4096, "scaled_dot": 4096}
 SYMMETRIC_MIN_DIM = 512
-SYMMETRIC_METRICS = frozenset({"cosine", "dot", "scaled_dot"})
 
 
 def symmetric_dense(xp: Prepared, finish, out_dtype, *, precision=None) -> jax.Array:
@@ -402,7 +400,7 @@ def _symmetric(x, metric, eps, scale, precision):
 
 
 def _use_symmetric(x: jax.Array, metric: str) -> bool:
-  return (metric in SYMMETRIC_METRICS and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS
+  return (metric in SYMMETRIC_MIN_ROWS and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS[metric]
           and x.shape[1] >= SYMMETRIC_MIN_DIM and defaults.for_backend().symmetric_block > 0)
 
 
@@ -540,7 +538,7 @@ def dot(x: ArrayLike, y: ArrayLike | None = None, *, precision=None) -> jax.Arra
 
   Returns:
     `(..., n, m)` array in the inputs' floating dtype, accumulated in float32 or wider.
-    On CPU, `y=None` with 2048 rows or more of 512 features or more is computed from
+    On CPU, `y=None` with 4096 rows or more of 512 features or more is computed from
     the 256-row tiles on and above the diagonal, each mirrored (as `cosine`): exactly
     symmetric, from half the flops.
 
@@ -601,7 +599,7 @@ def scaled_dot(x: ArrayLike, y: ArrayLike | None = None, *, scale: float | None 
 
   Returns:
     `(..., n, m)` array in the inputs' floating dtype. For `y=None` on CPU, as for
-    `dot`: from mirrored upper tiles at 2048 x 512 and above, the scale applied to each
+    `dot`: from mirrored upper tiles at 4096 x 512 and above, the scale applied to each
     float32 tile.
 
   References:
