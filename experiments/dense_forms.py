@@ -6,7 +6,10 @@ Issue 15, item 4. What `jaxsim.cosine` pays on top of one `a @ b.T`:
   scikit-learn's `cosine_similarity(x)` (numpy's `a @ a.T`, BLAS syrk). The raw matmul
   runs on rows normalised beforehand, untimed, so that all three give cosines and are
   checked against float64; it does the same flops as `x @ x.T`.
-- "cross": `jaxsim.cosine(x, y)` against XLA's `u @ v.T` on normalised rows.
+- "cross": `jaxsim.cosine(x, y)` against XLA's `u @ v.T` on normalised rows, at d = 512
+  and d = 128.
+- "self_dot": `jaxsim.dot(x)` (the same mirrored upper tiles, no finish) against XLA's
+  `x @ x.T` and numpy's (BLAS syrk).
 - "xla_flags" (a study): the `n x n x d` matmul and `jaxsim.cosine(x)`, each in a fresh
   subprocess per setting of `XLA_FLAGS` (the XLA CPU flags the installed jaxlib lists,
   see `XLA_FLAGS=--help`) or of `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (malloc backs
@@ -14,9 +17,9 @@ Issue 15, item 4. What `jaxsim.cosine` pays on top of one `a @ b.T`:
   faults). It records the matmul rate of each and the cosine / matmul ratio inside each
   process. jaxsim sets none of them: the JSON records the flags and tunables that the
   parent process ran with (`flags_in_effect`), which must be empty for the figures of
-  the two benchmarks to be jaxsim's own.
+  the benchmarks to be jaxsim's own.
 
-Run: `python -m experiments.dense_forms --out results` (`--quick`: the two target sizes and
+Run: `python -m experiments.dense_forms --out results` (`--quick`: the three target sizes and
 four flag settings at n=2048, about a minute).
 """
 
@@ -43,6 +46,9 @@ RAW_CROSS = "XLA u @ v.T"
 JAXSIM_SELF = "jaxsim.cosine(x)"
 JAXSIM_CROSS = "jaxsim.cosine(x, y)"
 SKLEARN = "sklearn cosine_similarity(x)"
+JAXSIM_DOT = "jaxsim.dot(x)"
+RAW_DOT = "XLA x @ x.T"
+NUMPY_DOT = "numpy x @ x.T"
 
 _matmul_t = jax.jit(lambda a, b: a @ b.T)
 _self_matmul = jax.jit(lambda a: a @ a.T)
@@ -59,9 +65,11 @@ def _setup(point: dict, ctx: harness.Context) -> harness.Case:
   x, y = (rng.standard_normal((n, d), np.float32) for _ in range(2))
   ux, uy = _unit(x), _unit(y)
   rows = np.arange(0, n, max(1, n // 64))
+  x64 = x.astype(np.float64)
   return harness.Case(x=x, xj=jnp.asarray(x), yj=jnp.asarray(y), rows=rows,
                       ux=jnp.asarray(ux, jnp.float32), uy=jnp.asarray(uy, jnp.float32),
-                      ref_self=ux[rows] @ ux.T, ref_cross=ux[rows] @ uy.T)
+                      ref_self=ux[rows] @ ux.T, ref_cross=ux[rows] @ uy.T,
+                      ref_dot=x64[rows] @ x64.T)
 
 
 def _check(which: str):
@@ -70,6 +78,13 @@ def _check(which: str):
     return {name: float(np.max(np.abs(np.asarray(out, np.float64)[case.rows] - ref)))
             for name, out in outputs.items()}
   return check
+
+
+def _check_dot(case, outputs):
+  # Dot products grow with d: the error relative to the largest (a squared norm).
+  ref = case.ref_dot
+  return {name: float(np.max(np.abs(np.asarray(out, np.float64)[case.rows] - ref))
+                      / np.max(np.abs(ref))) for name, out in outputs.items()}
 
 
 _GFLOP = lambda p: 2 * p["n"] ** 2 * p["d"] / 1e9
@@ -93,7 +108,7 @@ SELF = Benchmark(
 CROSS = Benchmark(
     name="dense_cross",
     title="Dense cosine between two sets, n x n from two n x d float32",
-    grid=Grid(quick={"n": [2048], "d": [512]}, full={"n": [2048, 4096], "d": [512]}),
+    grid=Grid(quick={"n": [2048], "d": [512]}, full={"n": [2048, 4096], "d": [128, 512]}),
     setup=_setup,
     candidates=[
         Candidate(JAXSIM_CROSS, lambda c: jaxsim.cosine(c.xj, c.yj)),
@@ -101,9 +116,27 @@ CROSS = Benchmark(
     ],
     check=_check("cross"), tolerance=1e-5, work=_GFLOP, rate_unit="GFLOP/s",
     baseline=RAW_CROSS,
-    targets=[Target(JAXSIM_CROSS, RAW_CROSS, at_least=0.95, where=lambda p: p["n"] == 2048,
+    targets=[Target(JAXSIM_CROSS, RAW_CROSS, at_least=0.95,
+                    where=lambda p: p["n"] == 2048 and p["d"] == 512,
                     label="cosine(x, y) >= 0.95x the raw matmul at 2048 x 512")],
     note="x raw: the raw matmul's time / this row's")
+
+_self_dot = jax.jit(lambda a: a @ a.T)
+
+SELF_DOT = Benchmark(
+    name="dense_self_dot",
+    title="Dense dot products of a set with itself, n x n from n x d float32",
+    grid=Grid(quick={"n": [4096], "d": [512]}, full={"n": [2048, 4096], "d": [512]}),
+    setup=_setup,
+    candidates=[
+        Candidate(JAXSIM_DOT, lambda c: jaxsim.dot(c.xj)),
+        Candidate(RAW_DOT, lambda c: _self_dot(c.xj)),
+        Candidate(NUMPY_DOT, lambda c: c.x @ c.x.T),
+    ],
+    check=_check_dot, tolerance=1e-5, work=_GFLOP, rate_unit="GFLOP/s", baseline=RAW_DOT,
+    targets=[Target(JAXSIM_DOT, RAW_DOT, at_least=1.0, where=lambda p: p["n"] >= 4096,
+                    label="dot(x) from mirrored tiles >= 1.0x the raw matmul at 4096 x 512")],
+    note="x raw: the raw matmul's time / this row's; error relative to the largest score")
 
 # name -> (XLA_FLAGS, GLIBC_TUNABLES), each run in its own process.
 SETTINGS: dict[str, tuple[str, str]] = {
@@ -209,7 +242,7 @@ def _arguments(p):
 
 
 def main(argv: list[str] | None = None) -> dict:
-  return harness.main([SELF, CROSS, FLAGS], name=NAME, description=__doc__, argv=argv,
+  return harness.main([SELF, CROSS, SELF_DOT, FLAGS], name=NAME, description=__doc__, argv=argv,
                       add_arguments=_arguments)
 
 

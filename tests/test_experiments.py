@@ -312,6 +312,8 @@ def test_dense_forms(results):
   assert set(_ok(p, "dense_self")) == {dense_forms.JAXSIM_SELF, dense_forms.RAW,
                                        dense_forms.SKLEARN}
   assert set(_ok(p, "dense_cross")) == {dense_forms.JAXSIM_CROSS, dense_forms.RAW_CROSS}
+  assert set(_ok(p, "dense_self_dot")) == {dense_forms.JAXSIM_DOT, dense_forms.RAW_DOT,
+                                           dense_forms.NUMPY_DOT}
   sweep = p["studies"]["xla_flags"]
   assert [r["setting"] for r in sweep["rows"]] == list(dense_forms.QUICK_SETTINGS)
   default = sweep["rows"][0]

@@ -552,3 +552,27 @@ def test_dense_self_cosine_gradients_at_fused_size():
   assert np.all(np.isfinite(g_self))
   scale = np.abs(g_cross[np.arange(2048) != 5]).max()
   np.testing.assert_allclose(g_self, g_cross, rtol=1e-3, atol=1e-3 * scale)
+
+
+# 4300 rows: the last 256-row tile is shifted back over the previous one.
+@pytest.mark.parametrize("metric,n", [("dot", 4300), ("scaled_dot", 4096)])
+def test_dense_self_dot_is_mirrored_exactly_at_fused_sizes(metric, n):
+  x = jnp.asarray(_rand((n, kernels.SYMMETRIC_MIN_DIM), 77))
+  got = FUNCS[metric](x)
+  assert got.dtype == jnp.float32 and kernels._use_symmetric(x, metric)
+  got = np.asarray(got, np.float64)
+  np.testing.assert_array_equal(got, got.T)
+  x64 = np.asarray(x, np.float64)
+  want = x64 @ x64.T * (1.0 if metric == "dot" else kernels.default_scale(x.shape[1]))
+  # Relative to the largest score (the diagonal). bfloat16 through the same tiles is
+  # covered by `test_dense_self_cosine_low_precision_at_fused_size` (12 s here at 4096).
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_dense_self_dot_gradients_are_the_one_matmul_forms():
+  n = kernels.SYMMETRIC_MIN_ROWS["scaled_dot"]
+  x, w = _rand((n, 512), 78), _rand((n, n), 79)
+  g = jax.grad(lambda a: jnp.sum(jaxsim.scaled_dot(a, scale=0.5) * w))(jnp.asarray(x))
+  want = 0.5 * (w + w.T).astype(np.float64) @ x.astype(np.float64)
+  np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())

@@ -339,8 +339,10 @@ def finish_cosine(dots: jax.Array, ax: jax.Array, ay: jax.Array) -> jax.Array:
 # d=512: 1.06x XLA's full `u @ u.T` at n=2048 and 1.08x at n=4096 (512-row tiles:
 # 1.07x, 1024-row tiles: 0.8-0.9x). Where d is small the full matmul is bound by
 # writing its output, which the mirror writes twice: 0.92x at d=256, 0.78x at d=128,
-# so narrower rows take the one matmul.
-SYMMETRIC_MIN_ROWS = 2048
+# so narrower rows take the one matmul. `dot(x)` and `scaled_dot(x)` take the same tiles
+# from 4096 rows: the full matmul has no finish pass for the mirror to save, and at
+# d=512 the mirror measured 1.01-1.12x its time at n=4096 but 0.78-1.02x at n=2048.
+SYMMETRIC_MIN_ROWS = {"cosine": 2048, "dot": 4096, "scaled_dot": 4096}
 SYMMETRIC_MIN_DIM = 512
 
 
@@ -380,8 +382,28 @@ def _symmetric_cosine(xp: Prepared, out_dtype, precision) -> jax.Array:
   return with_tangent_of(value, s.at[idx, idx].set(xp.aux).astype(out_dtype))
 
 
+def _symmetric_dot(x: jax.Array, scale, out_dtype, precision) -> jax.Array:
+  """`dot(x)` (`scale=None`) or `scaled_dot(x)` of 2-D rows from the upper tiles (see
+  `symmetric_dense`), exactly symmetric; differentiated as the one matmul."""
+  acc = accum_dtype(x.dtype)
+  if scale is None:
+    finish = lambda dots, br, bc: dots
+  else:
+    scale = jnp.asarray(scale, acc)
+    finish = lambda dots, br, bc: dots * scale
+  rows = Prepared(jax.lax.stop_gradient(x), jnp.zeros(x.shape[:-1], acc))
+  value = symmetric_dense(rows, finish, out_dtype, precision=precision)
+  return with_tangent_of(value, finish(matmul_t(x, x, precision), None, None).astype(out_dtype))
+
+
+def _symmetric(x, metric, eps, scale, precision):
+  if metric == "cosine":
+    return _symmetric_cosine(prepare(x, metric, eps=eps), x.dtype, precision)
+  return _symmetric_dot(x, scale if metric == "scaled_dot" else None, x.dtype, precision)
+
+
 def _use_symmetric(x: jax.Array, metric: str) -> bool:
-  return (metric == "cosine" and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS
+  return (metric in SYMMETRIC_MIN_ROWS and x.ndim == 2 and x.shape[0] >= SYMMETRIC_MIN_ROWS[metric]
           and x.shape[1] >= SYMMETRIC_MIN_DIM and defaults.for_backend().symmetric_block > 0)
 
 
@@ -397,10 +419,10 @@ def _pairwise(x, y, eps, scale, *, metric, precision):
     # jax_numpy_rank_promotion="raise").
     rank = max(x.ndim, y.ndim)
     x, y = (a.reshape((1,) * (rank - a.ndim) + a.shape) for a in (x, y))
+  if self_sim and _use_symmetric(x, metric):
+    return _symmetric(x, metric, eps, scale, precision)
   shift = centre(x if self_sim else y) if metric in DISTANCES else None
   xp = prepare(x, metric, eps=eps, shift=shift)
-  if self_sim and _use_symmetric(x, metric):
-    return _symmetric_cosine(xp, x.dtype, precision)
   yp = xp if self_sim else prepare(y, metric, eps=eps, shift=shift)
   if metric in DISTANCES:
     s = score(xp, yp, "sq_euclidean", precision=precision)
@@ -519,6 +541,9 @@ def dot(x: ArrayLike, y: ArrayLike | None = None, *, precision=None) -> jax.Arra
 
   Returns:
     `(..., n, m)` array in the inputs' floating dtype, accumulated in float32 or wider.
+    On CPU, `y=None` with 4096 rows or more of 512 features or more is computed from
+    the 256-row tiles on and above the diagonal, each mirrored (as `cosine`): exactly
+    symmetric, from half the flops.
 
   Examples:
     >>> import jax.numpy as jnp, jaxsim
@@ -576,7 +601,9 @@ def scaled_dot(x: ArrayLike, y: ArrayLike | None = None, *, scale: float | None 
     precision: `jax.lax.Precision` passed to the matmul.
 
   Returns:
-    `(..., n, m)` array in the inputs' floating dtype.
+    `(..., n, m)` array in the inputs' floating dtype. For `y=None` on CPU, as for
+    `dot`: from mirrored upper tiles at 4096 x 512 and above, the scale applied to each
+    float32 tile.
 
   References:
     Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
