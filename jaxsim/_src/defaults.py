@@ -12,8 +12,8 @@ memory for speed, and the right trade depends on the device:
 | `gpu`, `tpu` | ~16384 | 2**26 (256 MiB) | 2**24 (64 MiB) | ~16384 | ~4096 | off | 2**20 logits |
 
 Blocks in rows, tiles in scores (float32 sizes in brackets), "attention" the query
-block of blocked attention, "mirror" the tile of the dense `cosine(x)` computed from its
-upper triangle.
+block of blocked attention, "mirror" the tile of the dense `cosine(x)`, `dot(x)` and
+`scaled_dot(x)` computed from its upper triangle (`kernels.SYMMETRIC_MIN_ROWS`).
 
 The stats / pairs block is the `y` block of `pairs_above(x, y)` and
 `similarity_stats(x, y)` (their query block fills the stats tile); the triangle block
@@ -108,8 +108,8 @@ class Defaults:
       `jaxsim.similarity_stats(x, y)`, at most about (equal blocks).
     triangle_block: rows per block of the square tiles that `pairs_above(x)` and
       `similarity_stats(x)` walk for a set against itself, at most about.
-    symmetric_block: rows per tile of the dense `jaxsim.cosine(x)` computed from the
-      upper tiles and mirrored (`kernels.symmetric_dense`); 0 keeps the one matmul
+    symmetric_block: rows per tile of the dense `jaxsim.cosine(x)`, `dot(x)` and
+      `scaled_dot(x)` computed from the upper tiles and mirrored (`kernels.symmetric_dense`); 0 keeps the one matmul
       (accelerators: not timed there yet).
   """
 
