@@ -264,9 +264,13 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
                                      rows="corpus rows", shapes=f"corpus.shape={corpus.shape}")
   if q == 0:
     return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), jnp.int32)
+  # Decided here, outside `jit`, so that `lowprec.FORCE` is part of the cache key.
+  bf16 = lowprec.use(queries.dtype if corpus.dtype == queries.dtype else None, metric=metric,
+                     precision=precision, approx=approx, work=q * n * queries.shape[1],
+                     rows=sharding.shard_rows(n, mesh), k=k)
   return _topk(queries, corpus, k=k, metric=metric, block_size=block_size,
                query_block_size=query_block_size, exclude_self=exclude_self, approx=approx,
-               recall_target=recall_target, mesh=mesh, precision=precision)
+               recall_target=recall_target, mesh=mesh, precision=precision, bf16=bf16)
 
 
 def check_k_and_recall(k: int, n: int, *, exclude_self: bool, recall_target, rows: str,
@@ -284,9 +288,9 @@ def check_k_and_recall(k: int, n: int, *, exclude_self: bool, recall_target, row
 
 @functools.partial(jax.jit, static_argnames=(
     "k", "metric", "block_size", "query_block_size", "exclude_self", "approx", "recall_target",
-    "mesh", "precision"))
+    "mesh", "precision", "bf16"))
 def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_self, approx,
-          recall_target, mesh, precision):
+          recall_target, mesh, precision, bf16=None):
   euclid = metric in kernels.DISTANCES
   shift = kernels.centre(corpus, mesh=mesh) if euclid else jnp.zeros((1, 1))
   qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
@@ -296,15 +300,15 @@ def _topk(queries, corpus, *, k, metric, block_size, query_block_size, exclude_s
                               metric=metric, block_size=block_size,
                               query_block_size=query_block_size, exclude_self=exclude_self,
                               approx=approx, recall_target=recall_target, mesh=mesh,
-                              precision=precision, queries=queries)
+                              precision=precision, queries=queries, bf16=bf16)
   return scores.astype(queries.dtype), ids
 
 
 def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block, n, *, k: int,
                   metric: str, block_size: int | None, query_block_size: int | None,
                   exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,
-                  mesh=None, precision=None,
-                  queries: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  mesh=None, precision=None, queries: jax.Array | None = None,
+                  bf16: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """The streamed top-k behind `topk` and `Index.search`; call it inside `jit`.
 
   Args:
@@ -322,6 +326,8 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
       Without it they are recomputed from the prepared (centred) rows, `qp.rows` and
       `prepare_block(rows)`, which is exact for equal rows but, for float32 rows far
       from the shift, less accurate (see `jaxsim._src.refine`).
+    bf16: score the tiles in bfloat16 first (`jaxsim._src.lowprec`; inner-product
+      metrics on float32 rows only, the same results); None: `lowprec.use` decides.
 
   Returns:
     `(scores, ids)`, `(q, k)`, in the accumulation dtype, best first.
@@ -404,9 +410,12 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
         kernels.score(qp_block, bp, metric, precision=precision), metric, keep)
     d = qp.rows.shape[-1]
     corpus_dtype = jax.tree.leaves(corpus)[0].dtype
-    if not lowprec.use(qp.rows.dtype if corpus_dtype == qp.rows.dtype else None, metric=metric,
-                       precision=precision, approx=approx, work=q * rows_total * d,
-                       rows=sharding.shard_rows(rows_total, mesh), k=k):
+    if bf16 is None:
+      bf16 = lowprec.use(qp.rows.dtype if corpus_dtype == qp.rows.dtype else None,
+                         metric=metric, precision=precision, approx=approx,
+                         work=q * rows_total * d, rows=sharding.shard_rows(rows_total, mesh),
+                         k=k)
+    if not bf16:
       best, best_ids = scan(exact_tile, k, ())
       return best[:q], best_ids[:q]
     best, best_ids = _lowprec_topk(scan, exact_tile, padded, q, k=k, metric=metric,
