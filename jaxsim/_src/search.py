@@ -171,6 +171,14 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
   scores. Each corpus row is prepared (normalised, centred) once, in the step that
   scores it. On TPU, `approx=True` is the fast path.
 
+  On a CPU with AVX512-BF16 or AMX (`defaults.lowprec_search`), a large float32 search
+  by `"cosine"`, `"dot"` or `"scaled_dot"` at the default `precision` scores its tiles
+  as bfloat16 x bfloat16 -> float32 matmuls (about twice the float32 rate), keeps
+  about `2 k` candidates per query, rescores them in float32 and proves, per query,
+  with the rounding bound of `jaxsim._src.lowprec`, that no other row can reach the
+  k-th score; the few queries it cannot prove (near-ties at the bfloat16 scale) are
+  searched again in float32. The results are the float32 search's.
+
   Args:
     queries: `(q, d)` query rows.
     corpus: `(n, d)` corpus rows, or None for the k-nearest-neighbour graph of
@@ -201,7 +209,8 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
       lower index (the same indices as the single-device call). A corpus whose row
       count does not divide the devices is first placed as even shards, once, as
       `jaxsim.shard_rows` places rows spread over processes.
-    precision: `jax.lax.Precision` passed to the matmul.
+    precision: `jax.lax.Precision` passed to the matmul; any value but None also
+      keeps every tile in float32 (no bfloat16 scoring).
 
   Returns:
     `(scores, indices)`, each `(q, k)`, best first: `scores` in the metric's own units
