@@ -1,5 +1,7 @@
 """bfloat16 scoring with a proven bound (`jaxsim._src.lowprec`) and the exact top-k built on it."""
 
+import doctest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,10 @@ def test_bound_covers_float32_and_float64_against_bfloat16(d):
   # Not vacuous: within 50x of the worst actual error on unit-scale rows.
   unit = np.abs(np.log10(np.linalg.norm(x.astype(np.float64), axis=1)))[:, None] < 1
   assert np.max((np.abs(f64 - low) / pair)[finite & unit]) > 0.02
+
+
+def test_doctests():
+  assert doctest.testmod(lowprec).failed == 0
 
 
 def test_bound_is_not_finite_for_non_finite_or_huge_rows():

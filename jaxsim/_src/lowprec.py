@@ -164,6 +164,16 @@ def bound(a: Norms, b: Norms, d: int) -> jax.Array:
 
   `(q,)` against a corpus's maxima (`Norms.max`) gives one bound per query that holds
   for every pair. Infinite (or NaN) where it cannot be trusted (module docstring).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxsim._src import lowprec
+    >>> x, y = jnp.array([[0.6, 0.8]]), jnp.array([[1.0, 1 / 3], [0.1, 0.7]])
+    >>> a, b = lowprec.split(x), lowprec.split(y)
+    >>> e = lowprec.bound(a.norms, b.norms.max(), 2)  # one bound per row of x
+    >>> err = jnp.abs(x @ y.T - lowprec.matmul_t(a.low, b.low))
+    >>> bool(jnp.all(err <= e[:, None])), bool(e[0] < 0.01)
+    (True, True)
   """
   g = gamma(d)
   prod = a.norm * b.norm
