@@ -163,12 +163,14 @@ def test_topk_bfloat16_non_finite_rows_as_in_float32(metric, monkeypatch):
 def test_topk_bfloat16_with_a_mesh_exclude_self_and_small_blocks(monkeypatch):
   (corpus,) = reference.normal_rows(44, (1203, 40))
   corpus[100:110] = corpus[50]  # exact duplicates tie to the lower index
+  # 60 near-ties (more than the width): 61 queries take the compact fallback on the mesh.
+  corpus[200:260] = corpus[150] + 1e-3 * reference.normal_rows(45, (60, 40))[0]
   mesh = Mesh(np.array(jax.devices()), ("corpus",))
-  kwargs = dict(metric="cosine", exclude_self=True, block_size=64, query_block_size=96)
+  kwargs = dict(metric="dot", exclude_self=True, block_size=64, query_block_size=96)
   on = _topk(True, monkeypatch, corpus, corpus, 7, mesh=mesh, **kwargs)
   off = _topk(False, monkeypatch, corpus, corpus, 7, **kwargs)
   _assert_same(on, off)
-  _assert_exact(on[1], corpus, corpus, 7, "cosine", exclude_self=True)
+  _assert_exact(on[1], corpus, corpus, 7, "dot", exclude_self=True)
   np.testing.assert_array_equal(on[1][50, :6], [100, 101, 102, 103, 104, 105])
 
 
