@@ -5,7 +5,11 @@ Two parts:
 1. `search`: 1024 queries, top-10 by cosine, against corpora of 10,000 to 100,000 x 384
    float32 rows. Candidates (queries and corpus normalised once beforehand, outside
    the timing; jaxsim and torch normalise again inside, as their users' calls would):
-   - "jaxsim.topk": exact, blocked (the `q x n` matrix is never built);
+   - "jaxsim.topk": exact, blocked (the `q x n` matrix is never built), as the library
+     decides: on a CPU with AVX512-BF16 (or AMX) and a search this large, its tiles are
+     scored in bfloat16 and the candidates rescored in float32 (`jaxsim._src.lowprec`;
+     the same results);
+   - "jaxsim.topk, float32 tiles": the same search with the bfloat16 scoring off;
    - "faiss IndexFlatIP": exact inner-product search, the index built untimed;
    - "torch chunked matmul + topk": sentence-transformers' `semantic_search` recipe
      (query chunks of 100, corpus chunks of 500,000, normalise + `torch.mm`, per-chunk
@@ -17,10 +21,13 @@ Two parts:
    - "XLA tile matmuls (no selection)": the same (query block x corpus block) tile
      matmuls `jaxsim.topk` computes, over the same blocks, each written into one
      tile buffer (the last one is checked against float64). jaxsim's time over this one is
-     1 + the non-matmul share of `topk` (selection, masking, per-block preparation).
+     1 + the non-matmul share of `topk` (selection, masking, per-block preparation);
+   - "XLA bf16 tile matmuls (no selection)": the same tiles as bfloat16 x bfloat16 ->
+     float32 matmuls, the matmul of the bfloat16 path.
    Every top-k candidate's indices are compared with the exact float64 top-k
    (recall@k); goals: jaxsim >= 0.95x faiss's throughput (1.3x the stretch), >= 0.9x
-   the raw matmul's, and a non-matmul share of at most 10% at n=100,000.
+   the raw matmul's, a non-matmul share of at most 10% at n=100,000 (each path against
+   its own tile matmuls), and the bfloat16 scoring faster than float32.
 2. `self_topk`: the k nearest rows of every row of one set, streamed, at sizes where
    the N x N matrix would not fit, against the dense route (`jaxsim.cosine`, then
    `lax.top_k`) while its matrix stays under 512 MiB; XLA's planned memory of
@@ -44,15 +51,17 @@ import numpy as np
 import jaxsim
 from experiments import harness
 from experiments.harness import Benchmark, Candidate, Grid, Target
-from jaxsim._src import blockscan, defaults, search, stats
+from jaxsim._src import blockscan, defaults, lowprec, search, stats
 
 NAME = "search_bench"
 JAXSIM = "jaxsim.topk"
+JAXSIM_F32 = "jaxsim.topk, float32 tiles"
 FAISS = "faiss IndexFlatIP"
 TORCH = "torch chunked matmul + topk"
 SKLEARN = "sklearn brute"
 RAW = "XLA matmul (no top-k)"
 TILES = "XLA tile matmuls (no selection)"
+TILES_BF16 = "XLA bf16 tile matmuls (no selection)"
 DENSE = "jaxsim.cosine + lax.top_k"
 K = 10
 # Share of the k true neighbours a candidate may miss: random float32 data has a near
@@ -102,10 +111,13 @@ def recall_check(case: harness.Case, outputs: dict) -> dict:
   Over at most `CHECK_QUERIES` queries (a seeded sample of a larger set).
   """
   errors = {}
-  if TILES in outputs:  # no top-k: its last tile's scores against float64
-    rows, cols = outputs[TILES].shape
-    want = case.q[-rows:].astype(np.float64) @ case.c[-cols:].astype(np.float64).T
-    errors[TILES] = float(np.max(np.abs(np.asarray(outputs.pop(TILES)) - want)))
+  for name in (TILES, TILES_BF16):  # no top-k: the last tile's scores against float64
+    if name in outputs:
+      rows, cols = outputs[name].shape
+      want = case.q[-rows:].astype(np.float64) @ case.c[-cols:].astype(np.float64).T
+      error = float(np.max(np.abs(np.asarray(outputs.pop(name)) - want)))
+      # bfloat16 inputs: the bound of unit rows scaled to the tolerance (passes within it).
+      errors[name] = error if name == TILES else error * RECALL_TOLERANCE / BF16_UNIT_BOUND
   rows = np.arange(len(case.q))
   if len(rows) > CHECK_QUERIES:  # a seeded sample keeps the float64 reference cheap
     rows = np.sort(np.random.default_rng(0).choice(len(rows), CHECK_QUERIES, replace=False))
@@ -155,19 +167,39 @@ def _sklearn(c: harness.Case):
 
 
 _raw = jax.jit(lambda a, b: a @ b.T)
+# For unit rows |q.c - bf16(q).bf16(c)| <= |q - bf16(q)| |bf16(c)| + |c - bf16(c)| plus
+# the float32 sums' error, under 2.1 * 2**-8 (each entry rounds by at most 2**-8 relative).
+BF16_UNIT_BOUND = 2.1 * 2.0**-8
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
-def _tile_matmuls(queries, corpus, block_size=None):
+def _topk(case, bf16=None):
+  """`jaxsim.topk` as the library decides (None), or with the bfloat16 scoring forced."""
+  saved, lowprec.FORCE = lowprec.FORCE, bf16
+  try:
+    return jaxsim.topk(case.qj, case.cj, case.k, block_size=case.args.block_size)
+  finally:
+    lowprec.FORCE = saved
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "bf16"))
+def _tile_matmuls(queries, corpus, block_size=None, bf16=False):
   """`jaxsim.topk`'s tile matmuls over its blocks and nothing else, each into the same
-  tile buffer: the scores of the last query block against the last corpus block."""
+  tile buffer: the scores of the last query block against the last corpus block
+  (`bf16`: of the rows rounded to bfloat16, accumulated in float32, as the bfloat16
+  path scores them)."""
   qb, nb = stats.tile_sizes(queries.shape[0], corpus.shape[0], block_size, None,
                             multiple=search.GROUP, tile=defaults.topk_tile())
   tile = jnp.zeros((min(qb, queries.shape[0]), min(nb, corpus.shape[0])), queries.dtype)
+  if bf16:
+    queries = queries.astype(lowprec.LOW)
 
   def step(tile, block, start, valid):
-    return blockscan.block_scan(lambda _, q, start, valid: q @ block.T, tile, queries,
-                                block_size=qb, pad_tail=False)
+    if bf16:
+      block = block.astype(lowprec.LOW)
+      mm = lambda _, q, start, valid: lowprec.matmul_t(q, block)
+    else:
+      mm = lambda _, q, start, valid: q @ block.T
+    return blockscan.block_scan(mm, tile, queries, block_size=qb, pad_tail=False)
 
   return blockscan.block_scan(step, tile, corpus, block_size=nb, pad_tail=False)
 
@@ -186,8 +218,8 @@ SEARCH = Benchmark(
               full={"n": [10_000, 30_000, 100_000], "queries": [1024], "d": [384], "k": [K]}),
     setup=setup,
     candidates=[
-        Candidate(JAXSIM, lambda c: jaxsim.topk(c.qj, c.cj, c.k, block_size=c.args.block_size),
-                  output=_indices),
+        Candidate(JAXSIM, _topk, output=_indices),
+        Candidate(JAXSIM_F32, lambda c: _topk(c, bf16=False), output=_indices),
         Candidate(FAISS, lambda f: f.index.search(f.q, f.k), prepare=_faiss, output=_indices),
         Candidate(TORCH, lambda t: _torch_st(t.q, t.c, t.k), prepare=_torch_inputs,
                   output=_indices),
@@ -198,6 +230,9 @@ SEARCH = Benchmark(
                   output=lambda s: np.asarray(_top_indices(s, K))),
         Candidate(TILES, lambda c: _tile_matmuls(c.qj, c.cj, block_size=c.args.block_size),
                   style={"color": "grey", "ls": ":"}),
+        Candidate(TILES_BF16, lambda c: _tile_matmuls(c.qj, c.cj, block_size=c.args.block_size,
+                                                      bf16=True),
+                  style={"color": "silver", "ls": ":"}),
     ],
     check=recall_check,
     tolerance=RECALL_TOLERANCE,
@@ -205,8 +240,13 @@ SEARCH = Benchmark(
     baseline=FAISS,
     targets=[Target(JAXSIM, FAISS, at_least=0.95), Target(JAXSIM, FAISS, at_least=1.3),
              Target(JAXSIM, RAW, at_least=0.9),
-             Target(JAXSIM, TILES, at_most=1.1, where=lambda p: p["n"] >= 100_000,
-                    label="non-matmul share of jaxsim.topk <= 10%")],
+             Target(JAXSIM_F32, FAISS, at_least=0.95),
+             Target(JAXSIM, JAXSIM_F32, at_least=1.0, where=lambda p: p["n"] >= 100_000,
+                    label="bfloat16 scoring faster than float32 at n=100,000"),
+             Target(JAXSIM_F32, TILES, at_most=1.1, where=lambda p: p["n"] >= 100_000,
+                    label="non-matmul share of the float32 path <= 10%"),
+             Target(JAXSIM, TILES_BF16, at_most=1.1, where=lambda p: p["n"] >= 100_000,
+                    label="non-matmul share of jaxsim.topk (bfloat16 tiles) <= 10%")],
     timing={"warmup": 1},
     note=f"x {FAISS}: faiss's time / this row's time (above 1: faster than faiss); the check "
          "is 1 - recall@k against float64",

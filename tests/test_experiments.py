@@ -174,13 +174,15 @@ def test_search_bench(results):
            "--grid", "d=16")
   assert p["checks_passed"]
   rows = _ok(p, "search")
-  assert set(rows) == {search_bench.JAXSIM, search_bench.FAISS, search_bench.TORCH,
-                       search_bench.SKLEARN, search_bench.RAW, search_bench.TILES}
+  assert set(rows) == {search_bench.JAXSIM, search_bench.JAXSIM_F32, search_bench.FAISS,
+                       search_bench.TORCH, search_bench.SKLEARN, search_bench.RAW,
+                       search_bench.TILES, search_bench.TILES_BF16}
   assert all(r["error"] <= search_bench.RECALL_TOLERANCE for r in rows.values())
   assert rows[search_bench.JAXSIM]["rate"] == pytest.approx(
       20 / rows[search_bench.JAXSIM]["median_s"])
   assert {t["baseline"] for t in p["benchmarks"]["search"]["targets"]} == {
-      search_bench.FAISS, search_bench.RAW, search_bench.TILES}
+      search_bench.FAISS, search_bench.RAW, search_bench.TILES, search_bench.JAXSIM_F32,
+      search_bench.TILES_BF16}
   self_rows = _ok(p, "self_topk")
   assert self_rows[search_bench.JAXSIM]["peak_bytes"] > 0
 

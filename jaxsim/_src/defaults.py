@@ -77,6 +77,14 @@ vector units, Chern et al. 2022; JAX optimizes it on TPU only). Use it there, wi
 these tile sizes, when a recall of about `recall_target` is enough; keep the exact
 default on CPU and GPU.
 
+Low-precision scoring: exact float32 top-k searches score their tiles with bfloat16
+matmuls and rescore the candidates in float32 (`jaxsim._src.lowprec`) where
+`lowprec_search()` holds: on a CPU whose flags include `avx512_bf16` or `amx_bf16`,
+where XLA's bfloat16 x bfloat16 -> float32 matmul ran at 1.95x the float32 rate (2-core
+AMD EPYC, `experiments/bf16_matmul.py`). Off on GPU and TPU (their float32 matmuls
+already default to TF32 / bfloat16 passes, and the path has not been timed there) and
+on CPUs without those instructions (XLA emulates bfloat16 there, slower than float32).
+
 The backend is `jax.default_backend()` when a function is traced: the defaults follow
 where the computation runs unless the caller places it elsewhere explicitly, in which
 case pass `block_size` / `query_block_size` directly. Explicit sizes always win.
@@ -89,6 +97,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
@@ -109,8 +118,9 @@ class Defaults:
     triangle_block: rows per block of the square tiles that `pairs_above(x)` and
       `similarity_stats(x)` walk for a set against itself, at most about.
     symmetric_block: rows per tile of the dense `jaxsim.cosine(x)`, `dot(x)` and
-      `scaled_dot(x)` computed from the upper tiles and mirrored (`kernels.symmetric_dense`); 0 keeps the one matmul
-      (accelerators: not timed there yet).
+      `scaled_dot(x)` computed from the upper tiles and mirrored
+      (`kernels.symmetric_dense`); 0 keeps the one matmul (accelerators: not timed
+      there yet).
   """
 
   corpus_block: int
@@ -179,3 +189,24 @@ def attention_query_block(block_size: int) -> int:
     return block_size
   rows = -(-tile // block_size)
   return max(block_size, -(-rows // 128) * 128)
+
+
+# CPU flags (Linux /proc/cpuinfo names) with native bfloat16 dot products.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def lowprec_search() -> bool:
+  """Whether exact float32 top-k scores tiles in bfloat16 first (module docstring)."""
+  return backend() == "cpu" and bool(_cpu_flags() & BF16_FLAGS)

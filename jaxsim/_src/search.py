@@ -27,6 +27,7 @@ from jaxsim._src import (
   defaults,
   distributed,
   kernels,
+  lowprec,
   refine,
   sharding,
   stats,
@@ -170,6 +171,14 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
   scores. Each corpus row is prepared (normalised, centred) once, in the step that
   scores it. On TPU, `approx=True` is the fast path.
 
+  On a CPU with AVX512-BF16 or AMX (`defaults.lowprec_search`), a large float32 search
+  by `"cosine"`, `"dot"` or `"scaled_dot"` at the default `precision` scores its tiles
+  as bfloat16 x bfloat16 -> float32 matmuls (about twice the float32 rate), keeps
+  about `2 k` candidates per query, rescores them in float32 and proves, per query,
+  with the rounding bound of `jaxsim._src.lowprec`, that no other row can reach the
+  k-th score; the few queries it cannot prove (near-ties at the bfloat16 scale) are
+  searched again in float32. The results are the float32 search's.
+
   Args:
     queries: `(q, d)` query rows.
     corpus: `(n, d)` corpus rows, or None for the k-nearest-neighbour graph of
@@ -200,7 +209,8 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
       lower index (the same indices as the single-device call). A corpus whose row
       count does not divide the devices is first placed as even shards, once, as
       `jaxsim.shard_rows` places rows spread over processes.
-    precision: `jax.lax.Precision` passed to the matmul.
+    precision: `jax.lax.Precision` passed to the matmul; any value but None also
+      keeps every tile in float32 (no bfloat16 scoring).
 
   Returns:
     `(scores, indices)`, each `(q, k)`, best first: `scores` in the metric's own units
@@ -265,9 +275,13 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
                                      rows="corpus rows", shapes=f"corpus.shape={shape}")
   if q == 0:
     return jnp.zeros((0, k), queries.dtype), jnp.zeros((0, k), jnp.int32)
+  # Decided here, outside `jit`, so that `lowprec.FORCE` is part of the cache key.
+  bf16 = lowprec.use(queries.dtype if corpus.dtype == queries.dtype else None, metric=metric,
+                     precision=precision, approx=approx, work=q * n * queries.shape[1],
+                     rows=sharding.shard_rows(n, mesh), k=k)
   return _topk(queries, corpus, n=n, k=k, metric=metric, block_size=block_size,
                query_block_size=query_block_size, exclude_self=exclude_self, approx=approx,
-               recall_target=recall_target, mesh=mesh, precision=precision)
+               recall_target=recall_target, mesh=mesh, precision=precision, bf16=bf16)
 
 
 def check_k_and_recall(k: int, n: int, *, exclude_self: bool, recall_target, rows: str,
@@ -285,9 +299,9 @@ def check_k_and_recall(k: int, n: int, *, exclude_self: bool, recall_target, row
 
 @functools.partial(jax.jit, static_argnames=(
     "n", "k", "metric", "block_size", "query_block_size", "exclude_self", "approx",
-    "recall_target", "mesh", "precision"))
+    "recall_target", "mesh", "precision", "bf16"))
 def _topk(queries, corpus, *, n, k, metric, block_size, query_block_size, exclude_self, approx,
-          recall_target, mesh, precision):
+          recall_target, mesh, precision, bf16=None):
   euclid = metric in kernels.DISTANCES
   shift = kernels.centre(corpus, mesh=mesh, count=n) if euclid else jnp.zeros((1, 1))
   qp = kernels.prepare(queries, metric, shift=shift if euclid else None)
@@ -297,15 +311,15 @@ def _topk(queries, corpus, *, n, k, metric, block_size, query_block_size, exclud
                               metric=metric, block_size=block_size,
                               query_block_size=query_block_size, exclude_self=exclude_self,
                               approx=approx, recall_target=recall_target, mesh=mesh,
-                              precision=precision, queries=queries)
+                              precision=precision, queries=queries, bf16=bf16)
   return scores.astype(queries.dtype), ids
 
 
 def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block, n, *, k: int,
                   metric: str, block_size: int | None, query_block_size: int | None,
                   exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,
-                  mesh=None, precision=None,
-                  queries: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  mesh=None, precision=None, queries: jax.Array | None = None,
+                  bf16: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """The streamed top-k behind `topk` and `Index.search`; call it inside `jit`.
 
   Args:
@@ -323,6 +337,8 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
       Without it they are recomputed from the prepared (centred) rows, `qp.rows` and
       `prepare_block(rows)`, which is exact for equal rows but, for float32 rows far
       from the shift, less accurate (see `jaxsim._src.refine`).
+    bf16: score the tiles in bfloat16 first (`jaxsim._src.lowprec`; inner-product
+      metrics on float32 rows only, the same results); None: `lowprec.use` decides.
 
   Returns:
     `(scores, ids)`, `(q, k)`, in the accumulation dtype, best first.
@@ -339,21 +355,36 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   acc = qp.aux.dtype
   n = jnp.asarray(n, jnp.int32)
 
-  def scan(tile, width, extra, finish=None):
+  def scan(tile, width, extra, finish=None, padded=padded, low=False, aside=()):
     """The streamed top-`width` keys that `tile(qp_block, block, bp, keep, *extra)`
     gives each tile, per device; `finish(best, ids, shard, offset, aux_max, padded,
     shift, *extra)` then maps each device's `(best, ids)` (with the largest finite corpus `aux` it
-    saw) to `(best, ids, *more)` before the devices' results are merged."""
+    saw) to `(best, ids, *more)` before the devices' results are merged (`finish` gets
+    `*extra, *aside`: `aside` is passed to it only, not to `tile`). `padded`:
+    the (padded) query rows, aux and ids. `low`: `bp.rows` are the blocks' prepared
+    rows rounded to bfloat16 (`lowprec.split`), and `aux_max` the `lowprec.Norms`
+    maxima of the rows (those with a finite `aux`) instead."""
+    q_pad = padded[0].shape[0]
 
-    def local(shard, offset, padded, extra, shift, n):
+    def local(shard, offset, padded, extra, shift, n, aside):
+      zero = jnp.zeros((), acc)
       init = (jnp.full((q_pad, width), -jnp.inf, acc), jnp.full((q_pad, width), -1, jnp.int32),
-              jnp.zeros((), acc))
+              lowprec.Norms(zero, zero, zero) if low else zero)
 
       def step(carry, block, start, valid):
         bp = prepare_block(block, shift)
         first = offset + start
         cols = first + jnp.arange(bp.rows.shape[0], dtype=jnp.int32)
         col_ok = valid & (cols < n)
+        if low:
+          # Rows with a non-finite `aux` (cosine: a non-finite entry) score NaN
+          # exactly, in both precisions, so they do not widen the bound.
+          split = lowprec.split(bp.rows)
+          aux_max = lowprec.Norms.combine(carry[2], split.norms.max(col_ok & jnp.isfinite(bp.aux)))
+          bp = kernels.Prepared(split.low, bp.aux)
+        else:
+          aux_max = jnp.maximum(carry[2], jnp.max(jnp.where(col_ok & jnp.isfinite(bp.aux), bp.aux,
+                                                            0.0)))
 
         def one(args):
           best, best_ids, rows, aux, ids, *more = args
@@ -365,17 +396,15 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
           return _merge_tile(best, best_ids, key, first, width, approx, recall_target)
 
         best, best_ids = blockscan.block_map(one, (*carry[:2], *padded, *extra), block_size=qb)
-        aux_max = jnp.maximum(carry[2], jnp.max(jnp.where(col_ok & jnp.isfinite(bp.aux), bp.aux,
-                                                          0.0)))
         return best, best_ids, aux_max
 
       best, best_ids, aux_max = blockscan.block_scan(step, init, shard, block_size=nb,
                                                      pad_tail=False)
       if finish is None:
         return best, best_ids
-      return finish(best, best_ids, shard, offset, aux_max, padded, shift, *extra)
+      return finish(best, best_ids, shard, offset, aux_max, padded, shift, *extra, *aside)
 
-    out = sharding.map_shards(local, corpus, padded, extra, shift, n, mesh=mesh)
+    out = sharding.map_shards(local, corpus, padded, extra, shift, n, aside, mesh=mesh)
     best, best_ids, more = out[0], out[1], out[2:]
     if best.shape[0] > 1:
       # Shards in device order hold increasing ids, so position ties are id ties.
@@ -388,9 +417,21 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
     return (best, best_ids, *more)
 
   if not euclid:
-    best, best_ids = scan(
-        lambda qp_block, block, bp, keep: _keys(
-            kernels.score(qp_block, bp, metric, precision=precision), metric, keep), k, ())
+    exact_tile = lambda qp_block, block, bp, keep: _keys(
+        kernels.score(qp_block, bp, metric, precision=precision), metric, keep)
+    d = qp.rows.shape[-1]
+    corpus_dtype = jax.tree.leaves(corpus)[0].dtype
+    if bf16 is None:
+      bf16 = lowprec.use(qp.rows.dtype if corpus_dtype == qp.rows.dtype else None,
+                         metric=metric, precision=precision, approx=approx,
+                         work=q * rows_total * d, rows=sharding.shard_rows(rows_total, mesh),
+                         k=k)
+    if not bf16:
+      best, best_ids = scan(exact_tile, k, ())
+      return best[:q], best_ids[:q]
+    best, best_ids = _lowprec_topk(scan, exact_tile, padded, q, k=k, metric=metric,
+                                   corpus=corpus, prepare_block=prepare_block,
+                                   precision=precision)
     return best[:q], best_ids[:q]
 
   # Euclidean: (1) each device's k + TOPK_EXTRA best by the expansion, recomputed
@@ -471,3 +512,97 @@ def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw):
     return -neg, ids
 
   return blockscan.block_map(block, (a, best, best_ids), block_size=qr)
+
+
+# Queries that the bfloat16 scan could not certify are searched again in float32, up
+# to this many in one compact pass over the corpus; more take a full float32 pass.
+FALLBACK_ROWS = 64
+
+
+def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_block, precision):
+  """The exact top-k of inner-product metrics from a bfloat16 scan (`jaxsim._src.lowprec`).
+
+  (1) Every tile is scored as bfloat16 x bfloat16 -> float32 and each query keeps its
+  `lowprec.width(k)` best keys; (2) each device rescores its candidates in float32
+  from its own rows and sorts them (ties to the lower id); (3) a query is certified
+  when, on every device, the width-th bfloat16 key plus the bound `E` (per query,
+  against that device's corpus maxima) is strictly below the k-th rescored score:
+  every row outside the candidates then scores, in float32, strictly below the k-th,
+  so the rescored top-k is the float32 search's. (4) Queries that fail (near-ties at
+  the bound's scale, duplicate rows, non-finite or huge rows) are searched again with
+  the float32 scan: the few (up to `FALLBACK_ROWS`) gathered into one small pass, more
+  in a full pass; none, the usual case, costs nothing (`lax.cond`).
+  """
+  rows, aux, ids = padded
+  d = rows.shape[-1]
+  if metric == "scaled_dot":  # as `kernels.score` scales the query side
+    low_rows = (rows * kernels.default_scale(d)).astype(rows.dtype)
+  else:
+    low_rows = rows
+  qsplit = lowprec.split(low_rows)
+  width = lowprec.width(k)
+
+  def low_tile(qp_block, block, bp, keep):
+    dots = lowprec.matmul_t(qp_block.rows, bp.rows)
+    if metric == "cosine":
+      dots = kernels.finish_cosine(dots, qp_block.aux[:, None], bp.aux[None, :])
+    return _keys(dots, metric, keep)
+
+  def certify(hat, hat_ids, shard, offset, maxima, padded, shift, rows, aux, norms):
+    del padded
+    best, best_ids = _rescore(rows, aux, hat, hat_ids - offset, shard, shift, prepare_block,
+                              metric=metric, precision=precision)
+    # Rows outside the candidates have bfloat16 keys <= the width-th, so float32
+    # scores <= `floor`; with fewer valid rows than the width, all are candidates.
+    floor = jnp.where(hat[:, -1] > -jnp.inf, hat[:, -1] + lowprec.bound(norms, maxima, d),
+                      -jnp.inf)
+    return best, best_ids + offset, floor
+
+  best, best_ids, floor = scan(low_tile, width, (), certify, padded=(qsplit.low, aux, ids),
+                               low=True, aside=(rows, aux, qsplit.norms))
+  best, best_ids = best[:, :k], best_ids[:, :k]
+  # Not `floor >= kth`: a NaN bound must fail.
+  open_ = ~jnp.all(floor < best[None, :, k - 1], axis=0) & (ids < q)
+  q_pad = rows.shape[0]
+  few = min(FALLBACK_ROWS, q_pad)
+
+  def compact(_):
+    (at,) = jnp.nonzero(open_, size=few, fill_value=q_pad)
+    take = jnp.minimum(at, q_pad - 1)
+    again, again_ids = scan(exact_tile, k, (), padded=(rows[take], aux[take], ids[take]))
+    return best.at[at].set(again, mode="drop"), best_ids.at[at].set(again_ids, mode="drop")
+
+  def full(_):
+    again, again_ids = scan(exact_tile, k, ())
+    keep = open_[:, None]
+    return jnp.where(keep, again, best), jnp.where(keep, again_ids, best_ids)
+
+  count = jnp.sum(open_, dtype=jnp.int32)
+  branches = [lambda _: (best, best_ids), full]
+  if few < q_pad:
+    branches.insert(1, compact)
+  branch = jnp.minimum(count, 1) + (jnp.int32(count > few) if few < q_pad else 0)
+  return lax.switch(branch, branches, None)
+
+
+def _rescore(rows, aux, hat, ids, corpus, shift, prepare_block, *, metric, precision):
+  """Each query's candidates rescored in float32 and sorted, best first, ties to the
+  lower id; entries whose `hat` is -inf (masked) stay -inf. `ids` index the rows of
+  `corpus` (any id where masked)."""
+  d = rows.shape[-1]
+  c = hat.shape[1]
+  qr = max(8, defaults.stats_tile() // max(1, c * d))
+
+  def block(args):
+    rows, aux, hat, ids = args
+    safe = jnp.maximum(ids, 0)
+    cand = prepare_block(jax.tree.map(lambda leaf: leaf[safe.reshape(-1)], corpus), shift)
+    cand = kernels.Prepared(cand.rows.reshape(*safe.shape, d), cand.aux.reshape(safe.shape))
+    s = kernels.score(kernels.Prepared(rows[:, None, :], aux[:, None]), cand, metric,
+                      precision=precision)[:, 0, :]
+    key = _keys(s, metric, hat > -jnp.inf)
+    key = jnp.where(key == 0, 0.0, key)  # -0.0 and 0.0 tie, as in `top_k`
+    neg, ids = lax.sort((-key, ids), num_keys=2)
+    return -neg, ids
+
+  return blockscan.block_map(block, (rows, aux, hat, ids), block_size=qr)
