@@ -154,3 +154,22 @@ def test_knn_graph_rectangular_and_explicit_zeros():
 def test_bad_input_raises(call, error, match):
   with pytest.raises(error, match=match):
     call(np.ones((50, 4), np.float32))
+
+
+def test_grouped_selection_of_a_few_rows():
+  # Four noisy copies of 256 rows, one block each, noisier block by block, so each
+  # row's nearest other row is settled by its first off-diagonal tile; then planted
+  # near-copies (two each, in different 32-row groups) bring candidates to 8 rows only:
+  # rows 0-7 on the row side of tile (0, 2), rows 712-719 on the column side of tile
+  # (1, 2), where only those rows take the selection (`graph.SPARSE`).
+  rng = np.random.default_rng(6)
+  base = rng.standard_normal((256, 16))
+  x = np.concatenate([base + s * rng.standard_normal((256, 16)) for s in (0.1, 0.2, 0.4, 0.8)])
+  for i in range(8):
+    for j in (1, 2):  # at distinct distances, so that no two tie to float32 rounding
+      x[512 + 64 * j + i] = x[i] + 0.02 * j * rng.standard_normal(16)
+      x[256 + 64 * j + i] = x[712 + i] + 0.02 * j * rng.standard_normal(16)
+  x = x.astype(np.float32)
+  got = jaxsim.topk(x, None, 1, exclude_self=True, block_size=256)
+  _same(got, _ref(x, 1, "cosine", True))
+  _same(got, jaxsim.topk(x, x, 1, exclude_self=True))

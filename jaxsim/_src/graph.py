@@ -138,6 +138,11 @@ def _take(info, index):
   return tuple(v[index] for v in info)
 
 
+# The sparse path of `_merge_groups`: at most 1 / SPARSE of a tile's rows with a passing
+# group.
+SPARSE = 4
+
+
 def _merge_groups(best, ids, group_max, gather, k):
   """`search._merge_tile`'s grouped selection, on group maxima computed by the caller
   and candidates gathered by `gather(top) -> (keys, ids)` for `(c, m)` ascending group
@@ -148,6 +153,15 @@ def _merge_groups(best, ids, group_max, gather, k):
   def full(_):
     _, top = lax.top_k(group_max, k)
     return search.merge_topk(best, ids, *gather(jnp.sort(top, axis=-1)), k)
+
+  def sparse(_):
+    # XLA:CPU's `top_k` costs about 1 us a row whatever it finds, so when few rows have
+    # a passing group only those rows (padded with a row that has none, which the merge
+    # leaves as it is) take the full path.
+    rows = jnp.nonzero(active, size=c // SPARSE, fill_value=jnp.argmin(active))[0]
+    _, top = lax.top_k(group_max[rows], k)
+    new = search.merge_topk(best[rows], ids[rows], *gather(jnp.sort(top, axis=-1), rows), k)
+    return best.at[rows].set(new[0]), ids.at[rows].set(new[1])
 
   def few(m):
     def select(_):
@@ -167,7 +181,12 @@ def _merge_groups(best, ids, group_max, gather, k):
   levels = tuple(m for m in search.FEW if m < k)
   most = jnp.max(jnp.sum(passing, axis=1, dtype=jnp.int32))
   branch = sum((most > m).astype(jnp.int32) for m in (0, *levels))
-  return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full], None)
+  if c < 2 * SPARSE:
+    return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full], None)
+  active = jnp.any(passing, axis=1)
+  few_rows = (jnp.sum(active, dtype=jnp.int32) <= c // SPARSE) & (branch > 0)
+  branch = jnp.where(few_rows, len(levels) + 2, branch)
+  return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full, sparse], None)
 
 
 def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
@@ -183,18 +202,28 @@ def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
   col_max = jnp.max(keys.reshape(groups, g, b), axis=1).T
 
   def positions(top):
-    return (top[:, :, None] * g + offsets).reshape(b, -1)
+    return (top[:, :, None] * g + offsets).reshape(top.shape[0], -1)
 
-  def gather_row(top):
-    cand = jnp.take_along_axis(vals.reshape(b, groups, g), top[:, :, None], axis=1)
+  def gather_row(top, rows=None):
     pos = positions(top)
-    return key_of(cand.reshape(b, -1), _take(row, (slice(None), None)), _take(col, pos)), pos + c0
+    if rows is None:
+      cand = jnp.take_along_axis(vals.reshape(b, groups, g), top[:, :, None], axis=1)
+      rows = slice(None)
+    else:
+      cand = vals.reshape(b, groups, g)[rows[:, None], top]
+    cand = cand.reshape(pos.shape)
+    return key_of(cand, _take(row, (rows, None)), _take(col, pos)), pos + c0
 
-  def gather_col(top):
-    cand = jnp.take_along_axis(vals.reshape(groups, g, b), top.T[:, None, :], axis=0)
-    cand = jnp.transpose(cand, (2, 0, 1)).reshape(b, -1)
+  def gather_col(top, rows=None):
     pos = positions(top)
-    return key_of(cand, _take(row, pos), _take(col, (slice(None), None))), pos + r0
+    if rows is None:
+      cand = jnp.take_along_axis(vals.reshape(groups, g, b), top.T[:, None, :], axis=0)
+      cand = jnp.transpose(cand, (2, 0, 1))
+      rows = slice(None)
+    else:
+      cand = vals.reshape(groups, g, b)[top[:, :, None], offsets, rows[:, None, None]]
+    cand = cand.reshape(pos.shape)
+    return key_of(cand, _take(row, pos), _take(col, (rows, None))), pos + r0
 
   rb, ri = _merge_groups(rb, ri, row_max, gather_row, k)
   cb, ci = _merge_groups(cb, ci, col_max, gather_col, k)
