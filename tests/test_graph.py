@@ -35,20 +35,27 @@ def _same(got, want, rtol=1e-5):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_triangle_identical_to_two_sided_topk(metric):
-  # Random rows at fused sizes, blocks of 96: 6 blocks, the last shifted back.
+  # Random rows at fused sizes: blocks of 96 (6 blocks, the last shifted back; not a
+  # multiple of the 32-column groups, so keyed tiles and `search._merge_tile`), and
+  # blocks of 128 with k = 3 (4 groups a row: the lazy finish and grouped selection; the
+  # Euclidean metrics' k + 16 candidates need wider tiles, as in the digits test below).
   x = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
-  got = jaxsim.topk(x, None, 7, metric=metric, exclude_self=True, block_size=96)
-  assert got[0].dtype == jnp.float32 and got[1].dtype == jnp.int32
-  _same(got, jaxsim.topk(x, x, 7, metric=metric, exclude_self=True))
-  _same(got, _ref(x, 7, metric, True))
+  legs = ((96, 7),) if metric in reference.DISTANCES else ((96, 7), (128, 3))
+  for block, k in legs:
+    got = jaxsim.topk(x, None, k, metric=metric, exclude_self=True, block_size=block)
+    assert got[0].dtype == jnp.float32 and got[1].dtype == jnp.int32
+    _same(got, jaxsim.topk(x, x, k, metric=metric, exclude_self=True))
+    _same(got, _ref(x, k, metric, True))
   # Entries of +-1 in 16 dims: every score is exact (unit rows are +-1/4, the scale
   # 1/4), so duplicates and equal scores tie exactly, across tiles and devices: blocks
-  # of 32 (7 blocks, 28 tiles over 8 devices), and blocks of one row.
+  # of 416 (13 groups, k = 12; 3 blocks, 6 tiles over 8 devices, the last shifted),
+  # and blocks of one row.
   if metric == "sq_euclidean":  # euclidean's code path and ties, less a sqrt: compile time
     return
-  x = np.random.default_rng(1).choice(np.float32([-1, 1]), size=(203, 16))
+  x = np.random.default_rng(1).choice(np.float32([-1, 1]), size=(1000, 16))
   x[150:160] = x[3]
-  got = jaxsim.topk(x, None, 12, metric=metric, block_size=32, mesh=_mesh())
+  x[900:905] = x[420]
+  got = jaxsim.topk(x, None, 12, metric=metric, block_size=416, mesh=_mesh())
   _same(got, _ref(x, 12, metric, False))
   if metric not in reference.DISTANCES:  # the same selection; only its compile is slow
     _same(jaxsim.topk(x[:40], None, 12, metric=metric, exclude_self=True, block_size=1),
@@ -77,6 +84,9 @@ def test_non_finite_rows_rank_last(metric):
   x[7, 2], x[250, 0] = np.nan, np.inf
   got = jaxsim.topk(x, None, 299, metric=metric, exclude_self=True, block_size=64)
   _same(got, jaxsim.topk(x, x, 299, metric=metric, exclude_self=True))
+  # The fused finish (blocks of 128, k = 3) flags the two rows the same way.
+  _same(jaxsim.topk(x, None, 3, metric=metric, exclude_self=True, block_size=128),
+        jaxsim.topk(x, x, 3, metric=metric, exclude_self=True))
   ok = np.setdiff1d(np.arange(300), [7, 250])
   assert set(np.asarray(got[1])[ok][:, -2:].ravel()) == {7, 250}
 
@@ -146,3 +156,22 @@ def test_knn_graph_rectangular_and_explicit_zeros():
 def test_bad_input_raises(call, error, match):
   with pytest.raises(error, match=match):
     call(np.ones((50, 4), np.float32))
+
+
+def test_grouped_selection_of_a_few_rows():
+  # Four noisy copies of 256 rows, one block each, noisier block by block, so each
+  # row's nearest other row is settled by its first off-diagonal tile; then planted
+  # near-copies (two each, in different 32-row groups) bring candidates to 8 rows only:
+  # rows 0-7 on the row side of tile (0, 2), rows 712-719 on the column side of tile
+  # (1, 2), where only those rows take the selection (`graph.SPARSE`).
+  rng = np.random.default_rng(6)
+  base = rng.standard_normal((256, 16))
+  x = np.concatenate([base + s * rng.standard_normal((256, 16)) for s in (0.1, 0.2, 0.4, 0.8)])
+  for i in range(8):
+    for j in (1, 2):  # at distinct distances, so that no two tie to float32 rounding
+      x[512 + 64 * j + i] = x[i] + 0.02 * j * rng.standard_normal(16)
+      x[256 + 64 * j + i] = x[712 + i] + 0.02 * j * rng.standard_normal(16)
+  x = x.astype(np.float32)
+  got = jaxsim.topk(x, None, 1, exclude_self=True, block_size=256)
+  _same(got, _ref(x, 1, "cosine", True))
+  _same(got, jaxsim.topk(x, x, 1, exclude_self=True))

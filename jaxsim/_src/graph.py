@@ -4,11 +4,20 @@ r"""The k-nearest-neighbour graph of a set: top-k of every row among the same ro
 scores. A symmetric similarity has :math:`s(i, j) = s(j, i)`, so the tiles `(i, j)`,
 `i <= j`, of row blocks (`blockscan.triangle_scan`) hold every score once. Each tile
 is selected twice: its rows feed the running top-k of its row block and its columns
-(selected down the columns, `search._merge_tile(..., axis=0)`, without a transposed
-copy) that of its column block; the diagonal tile feeds its block once.
+(selected down the columns, without a transposed copy) that of its column block; the
+diagonal tile feeds its block once.
 The carry is every row's running top-k, `(n, k)` keys and ids: memory is O(n k) plus
-O(tiles), never O(n^2), and no prepared copy of the rows is made (each tile prepares
-its two blocks, O(b d) against the tile's O(b^2 d) matmul).
+O(tiles), never O(n^2), and no prepared copy of the rows is made (a row block is
+prepared once for its run of tiles, a column block in each tile, O(b d) against the
+tile's O(b^2 d) matmul).
+
+Outside the matmul, a tile costs its selection (`search._merge_tile`'s grouped
+running-threshold selection, for both sides) and the pass that turns scores into
+keys. An off-diagonal tile, where no self-match can lie, leaves the matmul's output
+as it is (`_Lazy`): one elementwise pass with per-row float masks makes the keys for
+the group maxima of both sides, and the few chosen groups are gathered from the raw
+tile and keyed again (`_merge_lazy`); diagonal tiles, 1 in about n / (2 b) of them,
+take the keyed path with the self-match mask.
 
 Ties go to the lower index as in the two-sided search: `triangle_scan` visits tiles
 row-major, so every row block meets the column blocks in ascending order, first as the
@@ -27,6 +36,8 @@ of the k-th distance, a second triangle pass recomputes every pair within reach.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,44 +107,195 @@ def _merge_devices(best: jax.Array, ids: jax.Array, width: int) -> tuple[jax.Arr
   return search.merge_topk(best[:, :0], ids[:, :0], best, ids, width)
 
 
-def _scan(x, tile, width, extra, *, block, mesh, approx, recall_target, finish=None):
+class _Lazy(NamedTuple):
+  """An off-diagonal tile's scores left as the matmul wrote them, keyed on demand.
+
+  `vals` is the `(b, b)` tile; `key_of(v, row, col)` maps entries `v` of it to ranking
+  keys (`search._keys` of the scores) given their rows' and columns' `(flag, mask)`
+  (see `_side_info`), broadcast against `v`. It uses only selects, clips and
+  minima, which round nothing, so the keys of the group maxima (taken over the whole
+  tile) and of the gathered candidates are the same numbers wherever XLA fuses them.
+  """
+  vals: jax.Array
+  key_of: Callable
+
+
+def _side_info(aux: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row of a block: `flag` (0, or NaN for a row with a non-finite entry, as its
+  `aux` marks it for cosine) and `mask` (+inf for a valid row, -inf for padding), as
+  floats: with broadcast boolean masks (and the self-match's iota compare) XLA:CPU's
+  finish pass ran about 1.7 ms slower a 1024 x 1024 tile, as long as the matmul's
+  third of it."""
+  return (jnp.where(jnp.isfinite(aux), 0.0, jnp.nan).astype(aux.dtype),
+          jnp.where(valid, jnp.inf, -jnp.inf).astype(aux.dtype))
+
+
+def _masked(key, row, col):
+  return jnp.minimum(jnp.minimum(key, row[1]), col[1])
+
+
+def _take(info, index):
+  return tuple(v[index] for v in info)
+
+
+# The sparse path of `_merge_groups`: at most 1 / SPARSE of a tile's rows with a passing
+# group.
+SPARSE = 4
+
+
+def _merge_groups(best, ids, group_max, gather, k):
+  """`search._merge_tile`'s grouped selection, on group maxima computed by the caller
+  and candidates gathered by `gather(top) -> (keys, ids)` for `(c, m)` ascending group
+  indices `top`: the same branches and the same results."""
+  c, groups = group_max.shape
+  passing = group_max > best[:, k - 1:]
+
+  def full(_):
+    _, top = lax.top_k(group_max, k)
+    return search.merge_topk(best, ids, *gather(jnp.sort(top, axis=-1)), k)
+
+  def sparse(_):
+    # XLA:CPU's `top_k` costs about 1 us a row whatever it finds, so when few rows have
+    # a passing group only those rows (padded with a row that has none, which the merge
+    # leaves as it is) take the full path.
+    rows = jnp.nonzero(active, size=c // SPARSE, fill_value=jnp.argmin(active))[0]
+    _, top = lax.top_k(group_max[rows], k)
+    new = search.merge_topk(best[rows], ids[rows], *gather(jnp.sort(top, axis=-1), rows), k)
+    return best.at[rows].set(new[0]), ids.at[rows].set(new[1])
+
+  def few(m):
+    def select(_):
+      index = jnp.arange(groups, dtype=jnp.int32)[None, :]
+      prev = jnp.full((c, 1), -1, jnp.int32)
+      tops = []
+      for _ in range(m):  # the next passing group after `prev` (`groups`: none left)
+        prev = jnp.min(jnp.where(passing & (index > prev), index, groups), axis=1, keepdims=True)
+        tops.append(prev)
+      top = jnp.concatenate(tops, axis=1)
+      cand, cand_ids = gather(jnp.minimum(top, groups - 1))
+      cand = jnp.where(jnp.repeat(top < groups, search.GROUP, axis=1), cand, -jnp.inf)
+      return search.merge_topk(best, ids, cand, cand_ids, k)
+
+    return select
+
+  levels = tuple(m for m in search.FEW if m < k)
+  most = jnp.max(jnp.sum(passing, axis=1, dtype=jnp.int32))
+  branch = sum((most > m).astype(jnp.int32) for m in (0, *levels))
+  if c < 2 * SPARSE:
+    return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full], None)
+  active = jnp.any(passing, axis=1)
+  few_rows = (jnp.sum(active, dtype=jnp.int32) <= c // SPARSE) & (branch > 0)
+  branch = jnp.where(few_rows, len(levels) + 2, branch)
+  return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full, sparse], None)
+
+
+def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
+  """Both sides of an off-diagonal tile from its raw scores: one elementwise pass makes
+  the keys, feeding the group maxima along the rows and down the columns, and only the
+  chosen groups are gathered, from the raw tile, and keyed again."""
+  vals, key_of = lazy
+  b = vals.shape[0]
+  groups, g = b // search.GROUP, search.GROUP
+  offsets = jnp.arange(g, dtype=jnp.int32)[None, None, :]
+  keys = key_of(vals, _take(row, (slice(None), None)), _take(col, (None, slice(None))))
+  row_max = jnp.max(keys.reshape(b, groups, g), axis=-1)
+  col_max = jnp.max(keys.reshape(groups, g, b), axis=1).T
+
+  def positions(top):
+    return (top[:, :, None] * g + offsets).reshape(top.shape[0], -1)
+
+  def gather_row(top, rows=None):
+    pos = positions(top)
+    if rows is None:
+      cand = jnp.take_along_axis(vals.reshape(b, groups, g), top[:, :, None], axis=1)
+      rows = slice(None)
+    else:
+      cand = vals.reshape(b, groups, g)[rows[:, None], top]
+    cand = cand.reshape(pos.shape)
+    return key_of(cand, _take(row, (rows, None)), _take(col, pos)), pos + c0
+
+  def gather_col(top, rows=None):
+    pos = positions(top)
+    if rows is None:
+      cand = jnp.take_along_axis(vals.reshape(groups, g, b), top.T[:, None, :], axis=0)
+      cand = jnp.transpose(cand, (2, 0, 1))
+      rows = slice(None)
+    else:
+      cand = vals.reshape(groups, g, b)[top[:, :, None], offsets, rows[:, None, None]]
+    cand = cand.reshape(pos.shape)
+    return key_of(cand, _take(row, pos), _take(col, (rows, None))), pos + r0
+
+  rb, ri = _merge_groups(rb, ri, row_max, gather_row, k)
+  cb, ci = _merge_groups(cb, ci, col_max, gather_col, k)
+  return rb, ri, cb, ci
+
+
+def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, lazy=None,
+          finish=None):
   """Every row's streamed top-`width` over the triangle tiles, merged over devices.
 
-  `tile(rows, cols, r_ids, c_ids, keep, *extra)` gives a tile's `(row_keys, col_keys)`,
-  both `(b, b)` (rows x columns; `col_keys` is selected down its columns), for raw row blocks
-  `rows` and `cols` with global ids `r_ids` and `c_ids`, where `keep` marks the valid
-  pairs. `finish(best, ids, *extra)` maps each device's `(best, ids)` to `(best, ids,
-  *more)` before the devices are merged; `more` comes back stacked per device.
+  `prep(rows)` prepares a block (`kernels.Prepared`). `tile(rows, cols, rp, cp, r_ids,
+  c_ids, keep, *extra)` gives a tile's `(row_keys, col_keys)`, both `(b, b)` (rows x
+  columns; `col_keys` is selected down its columns), for raw row blocks `rows` and
+  `cols`, prepared as `rp` and `cp`, with global ids `r_ids` and `c_ids`, where `keep`
+  marks the valid pairs. `lazy(rp, cp, *extra)`, where given, gives an off-diagonal
+  tile as a `_Lazy` instead (the fast path, taken where the grouped selection applies).
+  `finish(best, ids, *extra)` maps each device's `(best, ids)` to `(best, ids, *more)`
+  before the devices are merged; `more` comes back stacked per device.
   """
   n = x.shape[0]
   acc = kernels.accum_dtype(x.dtype)
   merge = functools.partial(search._merge_tile, k=width, approx=approx,
                             recall_target=recall_target)
+  b = min(block, n)
+  grouped = not approx and b % search.GROUP == 0 and b // search.GROUP > width
+  lazy = lazy if grouped else None
 
   def local(index, count, x, extra):
-    init = (jnp.full((n, width), -jnp.inf, acc), jnp.full((n, width), -1, jnp.int32))
+    shapes = jax.eval_shape(prep, x[:b])
+    init = (jnp.full((n, width), -jnp.inf, acc), jnp.full((n, width), -1, jnp.int32),
+            jnp.int32(-1), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
     def step(carry, rows, cols, r0, c0, r_valid, c_valid):
-      best, ids = carry
-      offsets = jnp.arange(rows.shape[0], dtype=jnp.int32)
+      best, ids, r_at, r_prep = carry
+      # A row block's tiles come in a run: it is prepared once per run, not per tile.
+      rp = lax.cond(r_at == r0, lambda: r_prep, lambda: prep(rows))
+      cp = prep(cols)
+      offsets = jnp.arange(b, dtype=jnp.int32)
       r_ids, c_ids = r0 + offsets, c0 + offsets
-      keep = r_valid[:, None] & c_valid[None, :]
-      row_key, col_key = tile(rows, cols, r_ids, c_ids, keep, *extra)
-      b = rows.shape[0]
-      # The row side first, written back before the column side reads its block: the
-      # shifted last block overlaps the one before it (there masked, so left as is).
-      rb, ri = merge(lax.dynamic_slice_in_dim(best, r0, b), lax.dynamic_slice_in_dim(ids, r0, b),
-                     row_key, first=c0)
+      sl = lambda v, at: lax.dynamic_slice_in_dim(v, at, b)
+      rb, ri, cb, ci = sl(best, r0), sl(ids, r0), sl(best, c0), sl(ids, c0)
+
+      def keyed(rb, ri, cb, ci):
+        keep = r_valid[:, None] & c_valid[None, :]
+        row_key, col_key = tile(rows, cols, rp, cp, r_ids, c_ids, keep, *extra)
+        rb, ri = merge(rb, ri, row_key, first=c0)
+        # The diagonal tile holds its block's scores once; its column side would repeat
+        # them.
+        cb, ci = lax.cond(r0 == c0, lambda: (cb, ci),
+                          lambda: merge(cb, ci, col_key, first=r0, axis=0))
+        return rb, ri, cb, ci
+
+      def fast(rb, ri, cb, ci):
+        return _merge_lazy(rb, ri, cb, ci, lazy(rp, cp, *extra), _side_info(rp.aux, r_valid),
+                           _side_info(cp.aux, c_valid), r0, c0, width)
+
+      if lazy is None:
+        rb, ri, cb, ci = keyed(rb, ri, cb, ci)
+      else:
+        rb, ri, cb, ci = lax.cond(r0 == c0, keyed, fast, rb, ri, cb, ci)
       best = lax.dynamic_update_slice_in_dim(best, rb, r0, 0)
       ids = lax.dynamic_update_slice_in_dim(ids, ri, r0, 0)
-      cb, ci = lax.dynamic_slice_in_dim(best, c0, b), lax.dynamic_slice_in_dim(ids, c0, b)
-      # The diagonal tile holds its block's scores once; its column side would repeat them.
-      cb, ci = lax.cond(r0 == c0, lambda: (cb, ci),
-                        lambda: merge(cb, ci, col_key, first=r0, axis=0))
-      return (lax.dynamic_update_slice_in_dim(best, cb, c0, 0),
-              lax.dynamic_update_slice_in_dim(ids, ci, c0, 0))
+      # Written after the row side: the shifted last block overlaps the one before it,
+      # where its rows are not valid (their column side changed nothing) and the row
+      # side's update must stand. On the diagonal the column side is the row side.
+      keep_col = (c_valid & (r0 != c0))[:, None]
+      best = lax.dynamic_update_slice_in_dim(best, jnp.where(keep_col, cb, sl(best, c0)), c0, 0)
+      ids = lax.dynamic_update_slice_in_dim(ids, jnp.where(keep_col, ci, sl(ids, c0)), c0, 0)
+      return best, ids, r0, rp
 
-    best, ids = blockscan.triangle_scan(step, init, x, block_size=block, shard=(index, count))
+    best, ids, *_ = blockscan.triangle_scan(step, init, x, block_size=block,
+                                            shard=(index, count), remat=False)
     return (best, ids) if finish is None else finish(best, ids, *extra)
 
   out = sharding.map_devices(local, x, extra, mesh=mesh)
@@ -151,13 +313,30 @@ def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh
   def keep_of(keep, r_ids, c_ids):
     return keep & (r_ids[:, None] != c_ids[None, :]) if exclude_self else keep
 
+  lowest = jnp.finfo(kernels.accum_dtype(x.dtype)).min
+
   if not euclid:
-    def tile(rows, cols, r_ids, c_ids, keep):
-      s = kernels.score(prep(rows), prep(cols), metric, precision=precision)
-      key = search._keys(s, metric, keep_of(keep, r_ids, c_ids))
+    def tile(rows, cols, rp, cp, r_ids, c_ids, keep):
+      key = search._keys(kernels.score(rp, cp, metric, precision=precision), metric,
+                         keep_of(keep, r_ids, c_ids))
       return key, key
 
-    return _scan(x, tile, k, (), **opts)
+    if metric == "cosine":
+      # `kernels.finish_cosine` and `search._keys`: the clipped dot product, the lowest
+      # finite key where a row has a non-finite entry, -inf for padding.
+      def key_of(v, row, col):
+        return _masked(jnp.where(jnp.isnan(row[0] + col[0]), lowest, jnp.clip(v, -1.0, 1.0)),
+                       row, col)
+    else:
+      def key_of(v, row, col):
+        return _masked(jnp.where(v >= lowest, v, lowest), row, col)
+
+    def lazy(rp, cp):
+      vals = (kernels.matmul_t(rp.rows, cp.rows, precision) if metric == "cosine"
+              else kernels.score(rp, cp, metric, precision=precision))
+      return _Lazy(vals, key_of)
+
+    return _scan(x, prep, tile, k, (), lazy=lazy, **opts)
 
   # Euclidean: as `search.topk_prepared`, (1) each device's k + TOPK_EXTRA best by the
   # expansion, recomputed directly; (2) where the bound leaves a row outside them within
@@ -169,10 +348,17 @@ def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh
   aux = prep(x).aux
   aux_max = jnp.max(jnp.where(jnp.isfinite(aux), aux, 0.0))
 
-  def expansion(rows, cols, r_ids, c_ids, keep):
-    s = kernels.score(prep(rows), prep(cols), "sq_euclidean", precision=precision)
+  def expansion(rows, cols, rp, cp, r_ids, c_ids, keep):
+    s = kernels.score(rp, cp, "sq_euclidean", precision=precision)
     key = search._keys(s, metric, keep_of(keep, r_ids, c_ids))
     return key, key
+
+  def expansion_lazy(rp, cp):
+    # The keys' arithmetic (|x|^2 + |y|^2 - 2 x.y) is done once, in one fusion, and
+    # kept (the barrier): fused into two consumers it could round differently in each.
+    key = search._keys(kernels.score(rp, cp, "sq_euclidean", precision=precision), metric,
+                       jnp.bool_(True))
+    return _Lazy(lax.optimization_barrier(key), _masked)
 
   def exact_candidates(hat, hat_ids):
     worst = hat[:, -1]
@@ -197,14 +383,14 @@ def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh
     floor = jnp.where(worst > -jnp.inf, -worst - err, jnp.inf)
     return best, ids, floor
 
-  best, ids, floor = _scan(x, expansion, width, (), finish=exact_candidates, **opts)
+  best, ids, floor = _scan(x, prep, expansion, width, (), lazy=expansion_lazy,
+                           finish=exact_candidates, **opts)
   best, ids = best[:, :k], ids[:, :k]
   kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
   open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0)
 
   def second(_):
-    def tile(rows, cols, r_ids, c_ids, keep, kth, open_):
-      rp, cp = prep(rows), prep(cols)
+    def tile(rows, cols, rp, cp, r_ids, c_ids, keep, kth, open_):
       s = kernels.score(rp, cp, "sq_euclidean", precision=precision)
       reach = s - refine.error_bound(rp.aux, cp.aux, d, x.dtype)
       keep = keep_of(keep, r_ids, c_ids)
@@ -214,7 +400,7 @@ def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh
                               lambda r, c: refine.direct_sq(rows[r], cols[c], acc))
       return jnp.where(row_maybe, -s, -jnp.inf), jnp.where(col_maybe, -s, -jnp.inf)
 
-    again, again_ids = _scan(x, tile, k, (kth, open_), **opts)
+    again, again_ids = _scan(x, prep, tile, k, (kth, open_), **opts)
     keep = open_[:, None]
     return jnp.where(keep, again, best), jnp.where(keep, again_ids, ids)
 
