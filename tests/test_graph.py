@@ -163,7 +163,7 @@ def test_grouped_selection_of_a_few_rows():
   # row's nearest other row is settled by its first off-diagonal tile; then planted
   # near-copies (two each, in different 32-row groups) bring candidates to 8 rows only:
   # rows 0-7 on the row side of tile (0, 2), rows 712-719 on the column side of tile
-  # (1, 2), where only those rows take the selection (`graph.SPARSE`).
+  # (1, 2), where only those rows take the selection (`search.SPARSE`).
   rng = np.random.default_rng(6)
   base = rng.standard_normal((256, 16))
   x = np.concatenate([base + s * rng.standard_normal((256, 16)) for s in (0.1, 0.2, 0.4, 0.8)])

@@ -138,57 +138,6 @@ def _take(info, index):
   return tuple(v[index] for v in info)
 
 
-# The sparse path of `_merge_groups`: at most 1 / SPARSE of a tile's rows with a passing
-# group.
-SPARSE = 4
-
-
-def _merge_groups(best, ids, group_max, gather, k):
-  """`search._merge_tile`'s grouped selection, on group maxima computed by the caller
-  and candidates gathered by `gather(top) -> (keys, ids)` for `(c, m)` ascending group
-  indices `top`: the same branches and the same results."""
-  c, groups = group_max.shape
-  passing = group_max > best[:, k - 1:]
-
-  def full(_):
-    _, top = lax.top_k(group_max, k)
-    return search.merge_topk(best, ids, *gather(jnp.sort(top, axis=-1)), k)
-
-  def sparse(_):
-    # XLA:CPU's `top_k` costs about 1 us a row whatever it finds, so when few rows have
-    # a passing group only those rows (padded with a row that has none, which the merge
-    # leaves as it is) take the full path.
-    rows = jnp.nonzero(active, size=c // SPARSE, fill_value=jnp.argmin(active))[0]
-    _, top = lax.top_k(group_max[rows], k)
-    new = search.merge_topk(best[rows], ids[rows], *gather(jnp.sort(top, axis=-1), rows), k)
-    return best.at[rows].set(new[0]), ids.at[rows].set(new[1])
-
-  def few(m):
-    def select(_):
-      index = jnp.arange(groups, dtype=jnp.int32)[None, :]
-      prev = jnp.full((c, 1), -1, jnp.int32)
-      tops = []
-      for _ in range(m):  # the next passing group after `prev` (`groups`: none left)
-        prev = jnp.min(jnp.where(passing & (index > prev), index, groups), axis=1, keepdims=True)
-        tops.append(prev)
-      top = jnp.concatenate(tops, axis=1)
-      cand, cand_ids = gather(jnp.minimum(top, groups - 1))
-      cand = jnp.where(jnp.repeat(top < groups, search.GROUP, axis=1), cand, -jnp.inf)
-      return search.merge_topk(best, ids, cand, cand_ids, k)
-
-    return select
-
-  levels = tuple(m for m in search.FEW if m < k)
-  most = jnp.max(jnp.sum(passing, axis=1, dtype=jnp.int32))
-  branch = sum((most > m).astype(jnp.int32) for m in (0, *levels))
-  if c < 2 * SPARSE:
-    return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full], None)
-  active = jnp.any(passing, axis=1)
-  few_rows = (jnp.sum(active, dtype=jnp.int32) <= c // SPARSE) & (branch > 0)
-  branch = jnp.where(few_rows, len(levels) + 2, branch)
-  return lax.switch(branch, [lambda _: (best, ids), *map(few, levels), full, sparse], None)
-
-
 def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
   """Both sides of an off-diagonal tile from its raw scores: one elementwise pass makes
   the keys, feeding the group maxima along the rows and down the columns, and only the
@@ -225,8 +174,8 @@ def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
     cand = cand.reshape(pos.shape)
     return key_of(cand, _take(row, pos), _take(col, (rows, None))), pos + r0
 
-  rb, ri = _merge_groups(rb, ri, row_max, gather_row, k)
-  cb, ci = _merge_groups(cb, ci, col_max, gather_col, k)
+  rb, ri = search.merge_groups(rb, ri, row_max, gather_row, k)
+  cb, ci = search.merge_groups(cb, ci, col_max, gather_col, k)
   return rb, ri, cb, ci
 
 

@@ -91,29 +91,65 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
   if b % GROUP or groups <= k:
     ids = jnp.broadcast_to(first + jnp.arange(b, dtype=jnp.int32), key.shape)
     return merge_topk(best, best_ids, key, ids, k)
+  offsets = jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
   if axis == 0:
     grouped = key.reshape(groups, GROUP, c)
     group_max = jnp.max(grouped, axis=1).T
   else:
     grouped = key.reshape(c, groups, GROUP)
     group_max = jnp.max(grouped, axis=-1)
-  passing = group_max > best[:, k - 1:]
-  offsets = jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
 
-  def gather(top):
-    # Groups in index order keep the candidates sorted by id, so that `top_k` (which
-    # breaks ties by position) breaks them by lower id.
-    if axis == 0:  # only the chosen groups are transposed: (m, GROUP, c) -> (c, m, GROUP)
+  def gather(top, rows=None):
+    if rows is None and axis == 0:  # only the chosen groups are transposed
       cand = jnp.take_along_axis(grouped, top.T[:, None, :], axis=0)
-      cand = jnp.transpose(cand, (2, 0, 1)).reshape(c, -1)
+      cand = jnp.transpose(cand, (2, 0, 1))
+    elif rows is None:
+      cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1)
+    elif axis == 0:
+      cand = grouped[top[:, :, None], offsets, rows[:, None, None]]
     else:
-      cand = jnp.take_along_axis(grouped, top[:, :, None], axis=1).reshape(c, -1)
-    ids = (top[:, :, None] * GROUP + offsets).reshape(c, -1) + first
-    return cand, ids
+      cand = grouped[rows[:, None], top]
+    ids = (top[:, :, None] * GROUP + offsets).reshape(top.shape[0], -1) + first
+    return cand.reshape(ids.shape), ids
+
+  return merge_groups(best, best_ids, group_max, gather, k)
+
+
+# The sparse path of `merge_groups`: at most 1 / SPARSE of a tile's rows with a passing
+# group.
+SPARSE = 4
+
+
+def merge_groups(best: jax.Array, best_ids: jax.Array, group_max: jax.Array, gather, k: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """The running top-k of each row updated with the groups of one tile that can enter it.
+
+  Args:
+    best, best_ids: `(c, k)` current top-k keys (descending) and their ids, all lower
+      than the tile's.
+    group_max: `(c, groups)` each row's maximum key in each group of `GROUP` columns.
+    gather: `gather(top, rows=None) -> (keys, ids)`, `(r, m * GROUP)` each: the keys and
+      ids of the groups `top` (`(r, m)`, ascending group indices) of every row, or of
+      the rows `rows` (`(r,)`) only; groups in index order keep the candidates sorted by
+      id, so that `top_k` (which breaks ties by position) breaks them by lower id.
+
+  The branch follows the most passing groups in any row (see `_merge_tile`); when at
+  most 1 / `SPARSE` of the rows have any, only those rows (padded with one that has
+  none, which the merge leaves as it is) take the selection, since XLA:CPU's `top_k`
+  costs about 1 us a row whatever it finds.
+  """
+  c, groups = group_max.shape
+  passing = group_max > best[:, k - 1:]
 
   def full(_):
     _, top = lax.top_k(group_max, k)
     return merge_topk(best, best_ids, *gather(jnp.sort(top, axis=-1)), k)
+
+  def sparse(_):
+    rows = jnp.nonzero(active, size=c // SPARSE, fill_value=jnp.argmin(active))[0]
+    _, top = lax.top_k(group_max[rows], k)
+    new = merge_topk(best[rows], best_ids[rows], *gather(jnp.sort(top, axis=-1), rows), k)
+    return best.at[rows].set(new[0]), best_ids.at[rows].set(new[1])
 
   def few(m):
     def select(_):
@@ -133,7 +169,13 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
   levels = tuple(m for m in FEW if m < k)
   most = jnp.max(jnp.sum(passing, axis=1, dtype=jnp.int32))
   branch = sum((most > m).astype(jnp.int32) for m in (0, *levels))
-  return lax.switch(branch, [lambda _: (best, best_ids), *map(few, levels), full], None)
+  branches = [lambda _: (best, best_ids), *map(few, levels), full]
+  if c >= 2 * SPARSE:
+    active = jnp.any(passing, axis=1)
+    few_rows = (jnp.sum(active, dtype=jnp.int32) <= c // SPARSE) & (branch > 0)
+    branch = jnp.where(few_rows, len(branches), branch)
+    branches.append(sparse)
+  return lax.switch(branch, branches, None)
 
 
 def merge_topk(best: jax.Array, best_ids: jax.Array, key: jax.Array, ids: jax.Array,
