@@ -320,7 +320,7 @@ TABLES: dict[str, Callable[[Path], str | None]] = {
     "self_stats": benchmarks("tiles", "self_stats", "triangle_step"),
     "tile_sweep": benchmarks("tiles", "tile_matmul",
                              fmt=lambda r: f"{r['rate']:.0f}" if r.get("rate") else _time(r)),
-    "dense_forms": benchmarks("dense_forms", "dense_self", "dense_cross"),
+    "dense_forms": benchmarks("dense_forms", "dense_self", "dense_cross", "dense_self_dot"),
     "xla_flags": xla_flags,
     "bf16_matmul": benchmarks("bf16_matmul", "bf16_matmul")}
 
