@@ -26,10 +26,13 @@ demo: $(STAMP)  ## set up, then the quick scaling experiment: a table and plots 
 	$(BIN)/python -m experiments.scaling --quick --out $(OUT)
 
 # The API reference (warnings are errors), the suite (notebooks included) on both cores
-# (pytest-xdist; by file, since the report test reads what its module's tests wrote), then every docstring example under the suite's strict promotion rules.
+# (pytest-xdist; by file, since the report test reads what its module's tests wrote), then
+# every docstring example under the suite's strict promotion rules.
 # Two pytest runs: the suite's conftest must set the CPU device count before jax starts.
+# A worker that dies is not replaced: with --dist loadfile xdist can wait forever for a
+# replacement (pytest-xdist #784), and failing at once names the test it died in.
 test: $(STAMP) docs  ## set up, then the docs build, the whole test suite and the doctests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0
 	JAX_NUMPY_DTYPE_PROMOTION=strict JAX_NUMPY_RANK_PROMOTION=raise \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules jaxsim
 

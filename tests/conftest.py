@@ -22,9 +22,22 @@ import chex  # noqa: E402
 chex.set_n_cpu_devices(8)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # As equinox does: no silent rank broadcasting and no implicit dtype widening, so the
 # library's one deliberate widening (`kernels.accum_dtype`) is the only one there is.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees the module's compiled programs when it ends.
+
+  XLA:CPU maps each executable's machine code into memory mappings of its own, and
+  jax's caches keep every executable alive: one worker running half the suite reached
+  Linux's limit of 65530 mappings (`vm.max_map_count`) and crashed inside a compile
+  (test_search.py alone leaves about 15,000 mappings).
+  """
+  yield
+  jax.clear_caches()

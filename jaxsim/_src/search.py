@@ -527,6 +527,34 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
 
 
+def _rescore(queries, hat, ids, gather, score):
+  """Each query's candidates rescored and sorted, best first, ties to the lower id.
+
+  `queries` is a pytree of `(q, ...)` arrays, `hat` and `ids` the `(q, c)` candidate
+  keys and row ids (any id where `hat` is -inf, masked). `gather(ids)` gives the
+  candidates' rows for valid ids, `score(queries, rows, keep)` their `(q, c)` keys
+  (-inf where not `keep`). Masked candidates stay -inf.
+  """
+  c = hat.shape[1]
+  d = jax.tree.leaves(queries)[0].shape[-1]
+  qr = max(8, defaults.stats_tile() // max(1, c * d))
+
+  def block(args):
+    queries, hat, ids = args
+    key = score(queries, gather(jnp.maximum(ids, 0)), hat > -jnp.inf)
+    key = jnp.where(key == 0, 0.0, key)  # -0.0 and 0.0 tie, as in `top_k`
+    neg, ids = lax.sort((-key, ids), num_keys=2)
+    return -neg, ids
+
+  return blockscan.block_map(block, (queries, hat, ids), block_size=qr)
+
+
+def _gather_prepared(corpus, shift, prepare_block, ids):
+  """`prepare_block` of the corpus rows `ids` (any shape), each leaf shaped `ids.shape + (...)`."""
+  rows = prepare_block(jax.tree.map(lambda leaf: leaf[ids.reshape(-1)], corpus), shift)
+  return jax.tree.map(lambda leaf: leaf.reshape(*ids.shape, *leaf.shape[1:]), rows)
+
+
 def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw):
   """Each query's candidates sorted by direct squared distance.
 
@@ -535,25 +563,13 @@ def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw):
   where the candidate was masked, lowest finite for NaN) and ids, best first, ties to
   the lower id.
   """
-  d = a.shape[-1]
   acc = best.dtype
-  c = best.shape[1]
-  rows = jax.tree.leaves(corpus)[0] if raw else corpus
-  qr = max(8, defaults.stats_tile() // max(1, c * d))
-
-  def block(args):
-    a, best, ids = args
-    safe = jnp.maximum(ids, 0)
-    if raw:
-      cand = rows[safe]
-    else:
-      cand = prepare_block(jax.tree.map(lambda leaf: leaf[safe.reshape(-1)], corpus),
-                           shift).rows.reshape(*safe.shape, d)
-    key = _keys(refine.direct_sq(a[:, None, :], cand, acc), "sq_euclidean", best > -jnp.inf)
-    neg, ids = lax.sort((-key, ids), num_keys=2)
-    return -neg, ids
-
-  return blockscan.block_map(block, (a, best, best_ids), block_size=qr)
+  if raw:
+    gather = lambda ids: jax.tree.leaves(corpus)[0][ids]
+  else:
+    gather = lambda ids: _gather_prepared(corpus, shift, prepare_block, ids).rows
+  return _rescore(a, best, best_ids, gather, lambda a, cand, keep: _keys(
+      refine.direct_sq(a[:, None, :], cand, acc), "sq_euclidean", keep))
 
 
 # Queries that the bfloat16 scan could not certify are searched again in float32, up
@@ -592,8 +608,12 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
 
   def certify(hat, hat_ids, shard, offset, maxima, padded, shift, rows, aux, norms):
     del padded
-    best, best_ids = _rescore(rows, aux, hat, hat_ids - offset, shard, shift, prepare_block,
-                              metric=metric, precision=precision)
+    best, best_ids = _rescore(
+        (rows, aux), hat, hat_ids - offset,
+        lambda ids: _gather_prepared(shard, shift, prepare_block, ids),
+        lambda qa, cand, keep: _keys(kernels.score(
+            kernels.Prepared(qa[0][:, None, :], qa[1][:, None]), cand, metric,
+            precision=precision)[:, 0, :], metric, keep))
     # Rows outside the candidates have bfloat16 keys <= the width-th, so float32
     # scores <= `floor`; with fewer valid rows than the width, all are candidates.
     floor = jnp.where(hat[:, -1] > -jnp.inf, hat[:, -1] + lowprec.bound(norms, maxima, d),
@@ -625,26 +645,3 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
     branches.insert(1, compact)
   branch = jnp.minimum(count, 1) + (jnp.int32(count > few) if few < q_pad else 0)
   return lax.switch(branch, branches, None)
-
-
-def _rescore(rows, aux, hat, ids, corpus, shift, prepare_block, *, metric, precision):
-  """Each query's candidates rescored in float32 and sorted, best first, ties to the
-  lower id; entries whose `hat` is -inf (masked) stay -inf. `ids` index the rows of
-  `corpus` (any id where masked)."""
-  d = rows.shape[-1]
-  c = hat.shape[1]
-  qr = max(8, defaults.stats_tile() // max(1, c * d))
-
-  def block(args):
-    rows, aux, hat, ids = args
-    safe = jnp.maximum(ids, 0)
-    cand = prepare_block(jax.tree.map(lambda leaf: leaf[safe.reshape(-1)], corpus), shift)
-    cand = kernels.Prepared(cand.rows.reshape(*safe.shape, d), cand.aux.reshape(safe.shape))
-    s = kernels.score(kernels.Prepared(rows[:, None, :], aux[:, None]), cand, metric,
-                      precision=precision)[:, 0, :]
-    key = _keys(s, metric, hat > -jnp.inf)
-    key = jnp.where(key == 0, 0.0, key)  # -0.0 and 0.0 tie, as in `top_k`
-    neg, ids = lax.sort((-key, ids), num_keys=2)
-    return -neg, ids
-
-  return blockscan.block_map(block, (rows, aux, hat, ids), block_size=qr)
