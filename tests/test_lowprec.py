@@ -97,6 +97,7 @@ def test_use_only_float32_inner_products_at_default_precision(monkeypatch):
   assert not lowprec.use(jnp.float32, metric="dot", **big | dict(rows=lowprec.width(10)))
   monkeypatch.setattr(lowprec, "FORCE", None)
   assert not lowprec.use(jnp.float32, metric="dot", **big | dict(work=lowprec.MIN_WORK - 1))
+  assert not lowprec.use(jnp.float32, metric="dot", **big | dict(rows=lowprec.MIN_ROWS - 1))
 
 
 # --- exact top-k -------------------------------------------------------------------------
@@ -113,24 +114,28 @@ def test_topk_bfloat16_scoring_is_the_float32_search(metric, monkeypatch):
   _assert_exact(on[1], queries, corpus, k, metric)
 
 
-def _near_ties(seed, centres, *, copies, n, d=48):
+def _near_ties(seed, centres, *, copies, n, q=100, d=48):
   """Random rows plus, for each of `centres` queries, `copies` corpus rows `q + 1e-3 v`
   (`|v| ~ |q|`): their dot products with `q` differ by about 1e-4 relative, which
   float32 resolves and bfloat16 (about 4e-3) does not, so with more copies than the
   width the bfloat16 candidates alone would be the wrong ones."""
   rng = np.random.default_rng(seed)
-  queries = rng.standard_normal((100, d))
+  queries = rng.standard_normal((q, d))
   corpus = rng.standard_normal((n, d))
   near = queries[:centres, None, :] + 1e-3 * rng.standard_normal((centres, copies, d))
   corpus[rng.choice(n, centres * copies, replace=False)] = near.reshape(-1, d)
   return queries.astype(np.float32), corpus.astype(np.float32)
 
 
-@pytest.mark.parametrize("centres,copies,n", [(5, 120, 3000), (80, 40, 4000)])
-def test_topk_near_ties_fall_back_to_float32(centres, copies, n, monkeypatch):
-  # 5 uncertified queries take the compact float32 pass, 80 (> FALLBACK_ROWS) the full one.
+@pytest.mark.parametrize("centres,copies,n,q", [(5, 120, 3000, 100), (80, 40, 4000, 100),
+                                               (20, 40, 8000, 2048)])
+def test_topk_near_ties_fall_back_to_float32(centres, copies, n, q, monkeypatch):
+  # Uncertified queries (the centres, and random queries with a cluster in their
+  # top-k): 6 of 100 take the compact float32 pass, 93 of 100 (more than FALLBACK_ROWS)
+  # the full one, 100 of 2048 (more than FALLBACK_ROWS, up to one in FALLBACK_SHARE)
+  # the compact one.
   assert copies > lowprec.width(12)
-  queries, corpus = _near_ties(42, centres, copies=copies, n=n)
+  queries, corpus = _near_ties(42, centres, copies=copies, n=n, q=q)
   on = _topk(True, monkeypatch, queries, corpus, 12, metric="dot")
   # The copies' scores lie ~1e-4 apart, far outside the tie tolerance: a wrong
   # candidate set would fail here.
