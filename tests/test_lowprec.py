@@ -114,13 +114,13 @@ def test_topk_bfloat16_scoring_is_the_float32_search(metric, monkeypatch):
   _assert_exact(on[1], queries, corpus, k, metric)
 
 
-def _near_ties(seed, centres, *, copies, n, q=100, d=48):
+def _near_ties(seed, centres, *, copies, n, n_queries=100, d=48):
   """Random rows plus, for each of `centres` queries, `copies` corpus rows `q + 1e-3 v`
   (`|v| ~ |q|`): their dot products with `q` differ by about 1e-4 relative, which
   float32 resolves and bfloat16 (about 4e-3) does not, so with more copies than the
   width the bfloat16 candidates alone would be the wrong ones."""
   rng = np.random.default_rng(seed)
-  queries = rng.standard_normal((q, d))
+  queries = rng.standard_normal((n_queries, d))
   corpus = rng.standard_normal((n, d))
   near = queries[:centres, None, :] + 1e-3 * rng.standard_normal((centres, copies, d))
   corpus[rng.choice(n, centres * copies, replace=False)] = near.reshape(-1, d)
@@ -135,7 +135,7 @@ def test_topk_near_ties_fall_back_to_float32(centres, copies, n, q, monkeypatch)
   # the full one, 100 of 2048 (more than FALLBACK_ROWS, up to one in FALLBACK_SHARE)
   # the compact one.
   assert copies > lowprec.width(12)
-  queries, corpus = _near_ties(42, centres, copies=copies, n=n, q=q)
+  queries, corpus = _near_ties(42, centres, copies=copies, n=n, n_queries=q)
   on = _topk(True, monkeypatch, queries, corpus, 12, metric="dot")
   # The copies' scores lie ~1e-4 apart, far outside the tie tolerance: a wrong
   # candidate set would fail here.
