@@ -576,8 +576,8 @@ def _refine_candidates(a, best, best_ids, corpus, shift, prepare_block, *, raw):
 # Queries that the bfloat16 scan could not certify are searched again in float32,
 # gathered into one compact pass over the corpus when they are at most `FALLBACK_ROWS`
 # or one in `FALLBACK_SHARE` of the queries (real embeddings: a few percent fail, e.g.
-# 2.6% of the all-MiniLM-L6-v2 token table searched in itself, where a full second pass
-# made the search 1.85x slower); more take a full float32 pass.
+# 2.6% of the all-MiniLM-L6-v2 token table searched in itself, which a fixed 64 sent
+# through a whole second float32 search); more take a full float32 pass.
 FALLBACK_ROWS = 64
 FALLBACK_SHARE = 16
 
