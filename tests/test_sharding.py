@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+import jaxsim
 from jaxsim._src import sharding
 
 
@@ -41,6 +42,40 @@ def test_check_mesh():
   assert sharding.check_mesh(None) is None
   with pytest.raises(TypeError, match=r"`mesh` must be a jax.sharding.Mesh"):
     sharding.check_mesh("devices")
+  explicit = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+  auto = sharding.check_mesh(explicit)
+  assert auto.axis_types == (jax.sharding.AxisType.Auto,)
+  assert (auto.devices == explicit.devices).all()
+  with jax.set_mesh(explicit), pytest.raises(ValueError, match=r"inside `jax.set_mesh`.*Explicit"):
+    jaxsim.topk(np.ones((4, 2), np.float32), np.ones((8, 2), np.float32), 1, mesh=explicit)
+
+
+# Every reduction that takes `mesh=`, on 1003 rows (uneven over 8 devices: the corpus is
+# placed as shards first).
+_REDUCTIONS = {
+    "topk": lambda q, x, mesh: jaxsim.topk(q, x, 7, mesh=mesh),
+    "topk_self_euclidean": lambda q, x, mesh: jaxsim.topk(x, None, 7, metric="sq_euclidean",
+                                                          exclude_self=True, mesh=mesh),
+    "pairs_above": lambda q, x, mesh: jaxsim.pairs_above(q, x, threshold=0.4, max_pairs=4096,
+                                                         mesh=mesh),
+    "similarity_stats_self": lambda q, x, mesh: jaxsim.similarity_stats(x, mesh=mesh),
+    "index": lambda q, x, mesh: jaxsim.Index(x, mesh=mesh).search(q, 7),
+    "shard_rows": lambda q, x, mesh: jaxsim.topk(
+        q, x if mesh is None else jaxsim.shard_rows(x, mesh), 7, mesh=mesh),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REDUCTIONS))
+def test_a_mesh_from_make_mesh_gives_the_single_device_results(name):
+  # `jax.make_mesh` gives Explicit axes (the default of current JAX), under whose rules the
+  # reductions' own merging of per-device results failed to trace.
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1003, 32), dtype=np.float32)
+  q = rng.standard_normal((64, 32), dtype=np.float32)
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+  got, want = (_REDUCTIONS[name](q, x, m) for m in (mesh, None))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (8,), (2, 4)])

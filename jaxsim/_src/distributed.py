@@ -97,13 +97,13 @@ def resolve_mesh(mesh: Mesh | None, corpus: Any, *, name: str = "corpus") -> Mes
     sh = getattr(corpus, "sharding", None)
     if isinstance(corpus, jax.Array) and isinstance(sh, NamedSharding) and len(
         sh.device_set) > 1 and corpus.ndim >= 1 and sh.spec and sh.spec[0] is not None:
-      return sh.mesh
+      return sharding.check_mesh(sh.mesh)
     if _is_global(corpus):
       _warn_once(f"`{name}` is spread over processes but its sharding does not split its "
                  "rows over a mesh; pass `mesh=` so that its rows are not gathered on every "
                  "device.")
     return None
-  sharding.check_mesh(mesh)
+  mesh = sharding.check_mesh(mesh)
   if spans_processes(mesh) and not _is_global(corpus):
     raise ValueError(
         f"`mesh` spans {len({d.process_index for d in mesh.devices.flat})} processes "
@@ -311,6 +311,7 @@ def shard_rows(local_rows: ArrayLike, mesh: Mesh, *,
     (3, (3, 4))
   """
   axes = check_mesh(mesh, axis)
+  mesh = sharding.check_mesh(mesh)
   rows = _local_host(local_rows, "local_rows")
   me = jax.process_index()
   flat = list(mesh.devices.flat)

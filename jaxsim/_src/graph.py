@@ -70,7 +70,7 @@ def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, appro
               recall_target, mesh, precision) -> tuple[jax.Array, jax.Array]:
   """`jaxsim.topk(x, None, k, ...)`: validates, then runs the triangle (see `search.topk`)."""
   kernels.check_metric(metric)
-  mesh = distributed.prepare_call(mesh, x, name="queries", k=k, metric=metric,
+  mesh = distributed.prepare_call(sharding.check_mesh(mesh), x, name="queries", k=k, metric=metric,
                                   block_size=block_size, exclude_self=exclude_self,
                                   approx=approx, recall_target=recall_target)
   x, _ = validation.matrices(x, None, x_name="queries")
@@ -79,7 +79,6 @@ def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, appro
   if query_block_size is not None:
     raise ValueError("`query_block_size` does not apply with `corpus=None`: its tiles are "
                      f"square, of `block_size` rows; got query_block_size={query_block_size}.")
-  sharding.check_mesh(mesh)
   exclude_self = validation.check_bool(exclude_self, "exclude_self")
   approx = validation.check_bool(approx, "approx")
   n = x.shape[0]

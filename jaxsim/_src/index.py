@@ -261,7 +261,7 @@ class Index:
                mesh: Mesh | None = None, store: str = "device", page_rows: int | None = None,
                precision=None):
     kernels.check_metric(metric)
-    sharding.check_mesh(mesh)
+    mesh = sharding.check_mesh(mesh)
     if store not in STORES:
       raise ValueError(f"`store` must be one of {STORES}, got {store!r}.")
     if store == "host" and mesh is not None:

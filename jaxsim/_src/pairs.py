@@ -172,6 +172,7 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
     >>> p.rows, p.cols, int(p.count)  # 3 rows hold 3 pairs: the buffers are clamped to 3
     (Array([ 0, -1, -1], dtype=int32), Array([ 2, -1, -1], dtype=int32), 1)
   """
+  mesh = sharding.check_mesh(mesh)
   if y is not None:  # x of a set against itself is on every device anyway
     y = distributed.place_rows(y, mesh, "y")
   if distributed.placed(x) or distributed.placed(y):
@@ -188,7 +189,6 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
   threshold = validation.check_scalar(threshold, "threshold")
   max_pairs = validation.check_positive_int(max_pairs, "max_pairs", maximum=_INT32_MAX)
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
-  sharding.check_mesh(mesh)
   n = x.shape[0]
   m = None if y is None else y.shape[0] if y_count is None else y_count
   bound = n * (n - 1) // 2 if y is None else n * m

@@ -284,6 +284,7 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
     >>> graph[:, 0]
     Array([2, 2, 0], dtype=int32)
   """
+  mesh = sharding.check_mesh(mesh)
   if corpus is None:
     # `graph` builds on this module's selection, so it is imported here, not at the top.
     from jaxsim._src import graph
@@ -306,7 +307,6 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
   queries, corpus = validation.matrices(queries, corpus, x_name="queries", y_name="corpus")
   k = validation.check_positive_int(k, "k")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
-  sharding.check_mesh(mesh)
   exclude_self = validation.check_bool(exclude_self, "exclude_self")
   approx = validation.check_bool(approx, "approx")
   q, n = queries.shape[0], corpus.shape[0] if count is None else count

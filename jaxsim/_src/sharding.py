@@ -23,15 +23,37 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 PyTree = Any
 
 
 def check_mesh(mesh) -> Mesh | None:
+  """`mesh` with every axis `AxisType.Auto`: the mesh the reductions run on.
+
+  `jax.make_mesh` gives `Explicit` axes, whose sharding-in-types rules reject what the
+  reductions do with their per-device results (a `top_k` along an axis that holds the
+  devices, a scatter whose output sharding is ambiguous). The reductions place their
+  data themselves, so the same devices with `Auto` axes compute the same results.
+
+  Raises:
+    TypeError: `mesh` is not a `jax.sharding.Mesh` or None.
+    ValueError: a `mesh` given under `jax.set_mesh` of a mesh with non-`Auto` axes,
+      whose sharding-in-types rules would apply inside the reductions.
+  """
   if mesh is not None and not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
-  return mesh
+  context = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not context.empty and any(
+      t != AxisType.Auto for t in context.axis_types):
+    raise ValueError(
+        "`mesh=` cannot be used inside `jax.set_mesh` of a mesh with "
+        f"{'/'.join(sorted({t.name for t in context.axis_types}))} axes (context mesh "
+        f"shape {dict(context.shape)}): the reduction splits its work over `mesh` itself. "
+        "Call it outside the `jax.set_mesh` block (with the same `mesh=`), or without `mesh=`.")
+  if mesh is None or all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def num_shards(mesh: Mesh | None) -> int:

@@ -381,6 +381,7 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
     >>> int(st.count), float(st.share_nonnegative) > 0.4
     (124750, True)
   """
+  mesh = sharding.check_mesh(mesh)
   if y is not None:  # x of a set against itself is on every device anyway
     y = distributed.place_rows(y, mesh, "y")
   if distributed.placed(x) or distributed.placed(y):
@@ -397,7 +398,6 @@ def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernel
   x, y = validation.matrices(x, y)
   bins = validation.check_positive_int(bins, "bins")
   block_size, query_block_size = validation.block_sizes(block_size, query_block_size)
-  sharding.check_mesh(mesh)
   exclude_diagonal = validation.check_bool(exclude_diagonal, "exclude_diagonal")
   if range is None:
     if metric != "cosine":
