@@ -47,7 +47,8 @@ def check_mesh(mesh) -> Mesh | None:
   if mesh is not None and not context.empty and any(
       t != AxisType.Auto for t in context.axis_types):
     raise ValueError(
-        "`mesh=` cannot be used inside `jax.set_mesh` of a mesh with "
+        "A mesh (`mesh=`, or the one a sharded input implies) cannot be used inside "
+        "`jax.set_mesh` of a mesh with "
         f"{'/'.join(sorted({t.name for t in context.axis_types}))} axes (context mesh "
         f"shape {dict(context.shape)}): the reduction splits its work over `mesh` itself. "
         "Call it outside the `jax.set_mesh` block (with the same `mesh=`), or without `mesh=`.")
