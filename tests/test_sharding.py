@@ -1,10 +1,13 @@
 """The corpus-splitting helper: shards, global offsets, padding, device order."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxsim
 from jaxsim._src import sharding
@@ -46,9 +49,6 @@ def test_check_mesh():
   auto = sharding.check_mesh(explicit)
   assert auto.axis_types == (jax.sharding.AxisType.Auto,)
   assert (auto.devices == explicit.devices).all()
-  inside = r"cannot be used inside `jax.set_mesh`.*Explicit"
-  with jax.set_mesh(explicit), pytest.raises(ValueError, match=inside):
-    jaxsim.topk(np.ones((4, 2), np.float32), np.ones((8, 2), np.float32), 1, mesh=explicit)
 
 
 # Every reduction that takes `mesh=`, on 1003 rows (uneven over 8 devices: the corpus is
@@ -89,3 +89,45 @@ def test_map_devices_runs_once_per_device_in_order(mesh_shape):
   np.testing.assert_array_equal(index, np.arange(size))
   np.testing.assert_array_equal(count, np.full(size, size))
   np.testing.assert_allclose(total, np.full(size, 6.0))
+
+
+# Inputs typed with Explicit mesh axes (sharding in types), where JAX asks every
+# operation for a sharding it can infer: the rows of `x` and `q` split over 4 devices.
+_EXPLICIT_CALLS = {
+    "cosine_self": (lambda q, x, b: jaxsim.cosine(x), P("d", None)),
+    "cosine_cross": (lambda q, x, b: jaxsim.cosine(q, x), P("d", None)),
+    "euclidean_self": (lambda q, x, b: jaxsim.euclidean(x), P("d", None)),
+    "dot_batched": (lambda q, x, b: jaxsim.dot(b, b), P("d", None, None)),
+    "topk": (lambda q, x, b: jaxsim.topk(q, x, 5), P()),
+    "topk_self_mesh": (lambda q, x, b: jaxsim.topk(
+        x, None, 5, exclude_self=True, mesh=jax.make_mesh((4,), ("d",), devices=jax.devices()[:4])),
+                       P()),
+    "similarity_stats": (lambda q, x, b: jaxsim.similarity_stats(q, x), P()),
+    "index": (lambda q, x, b: jaxsim.Index(x).search(q, 5), P()),
+    "attention_blocked": (lambda q, x, b: jaxsim.attention(
+        *(b.reshape(4, 40, 2, 12),) * 3, block_size=8), P("d", None, None, None)),
+}
+
+
+@pytest.mark.parametrize(("name", "context"), [
+    *((name, False) for name in sorted(_EXPLICIT_CALLS)),
+    *((name, True) for name in ("cosine_cross", "topk_self_mesh", "similarity_stats", "index",
+                                "attention_blocked"))])
+def test_explicitly_sharded_inputs_give_the_unsharded_results(name, context):
+  """`context`: the call also runs inside `jax.set_mesh` of the Explicit mesh."""
+  call, spec = _EXPLICIT_CALLS[name]
+  rng = np.random.default_rng(1)
+  q, x = (rng.standard_normal((m, 24), dtype=np.float32) for m in (64, 520))
+  b = rng.standard_normal((4, 40, 24), dtype=np.float32)
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  placed = [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (q, x, b)]
+  with jax.set_mesh(mesh) if context else contextlib.nullcontext():
+    got = call(*placed)
+  want = call(q, x, b)
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-6, atol=1e-6)
+  # Dense scores stay split by the rows of the first set; reductions come back whole.
+  first = jax.tree.leaves(got)[0]
+  assert tuple(first.sharding.spec) + (None,) * (first.ndim - len(first.sharding.spec)) == (
+      tuple(spec) + (None,) * (first.ndim - len(spec)))

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxsim._src import blockscan, defaults, kernels, validation
+from jaxsim._src import blockscan, defaults, kernels, sharding, validation
 
 Metric = Literal["dot", "scaled_dot", "cosine"]
 METRICS: tuple[str, ...] = ("dot", "scaled_dot", "cosine")
@@ -664,6 +664,7 @@ def attention_weights(query: ArrayLike, key: ArrayLike, bias: ArrayLike | None =
                             precision=precision, weights=True)
 
 
+@sharding.auto_axes(sharding.like_first)
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
               bias: ArrayLike | None = None, mask: ArrayLike | None = None, *,
               scale: float | jax.Array | None = None, is_causal: bool = False,

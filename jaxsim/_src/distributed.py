@@ -456,7 +456,7 @@ def pairs_above(x, y=None, *, threshold, max_pairs, mesh: Mesh | None = None, **
   found = _pairs(x, y, threshold, max_pairs=max_pairs, mesh=mesh, options=_options(options))
   if bool(found.overflowed):
     warnings.warn(f"pairs_above: {found.count} pairs qualify but max_pairs={max_pairs}; only "
-                  "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=3)
+                  "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=4)
   return found
 
 

@@ -395,6 +395,7 @@ class Index:
 
   # --- add ------------------------------------------------------------------------
 
+  @sharding.auto_axes(sharding.replicated)
   def add(self, rows: ArrayLike) -> None:
     """Appends rows; their ids continue from `len(index)`.
 
@@ -454,6 +455,7 @@ class Index:
 
   # --- search ---------------------------------------------------------------------
 
+  @sharding.auto_axes(sharding.replicated)
   def search(self, queries: ArrayLike, k: int, *, progress: bool = False
              ) -> tuple[jax.Array, jax.Array]:
     """The `k` best rows of the index for every query, best first.

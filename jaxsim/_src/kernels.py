@@ -484,6 +484,27 @@ def check_dense_fits(x, y, name: str) -> None:
         "jaxsim.similarity_stats (all-pairs statistics).")
 
 
+def _dense_spec(x, y=None, **_) -> jax.sharding.PartitionSpec:
+  """Where `pairwise`'s `(..., n, m)` result lies under `Explicit` mesh axes: its rows
+  and batch dims as `x`'s, its columns as `y`'s rows unless a mesh axis is already
+  used (a set against itself: every device holds all columns)."""
+  entries = sharding.spec_entries
+
+  def axes(entry):
+    return set() if entry is None else {entry} if isinstance(entry, str) else set(entry)
+
+  xe, xd = entries(x), np.ndim(x)
+  yd = xd if y is None else np.ndim(y)
+  batch = (None,) * (max(xd, yd, 2) - 2 - max(xd - 2, 0)) + xe[:-2]
+  used = set().union(*map(axes, batch))
+  rows = () if xd < 2 else (None,) if axes(xe[-2]) & used else (xe[-2],)
+  used |= axes(rows[0]) if rows else set()
+  col = None if y is None or yd < 2 else entries(y)[-2]
+  cols = () if yd < 2 else (None if axes(col) & used else col,)
+  return jax.sharding.PartitionSpec(*batch, *rows, *cols)
+
+
+@sharding.auto_axes(_dense_spec)
 def pairwise(x: ArrayLike, y: ArrayLike | None = None, *, metric: Metric = "cosine",
              eps: float = 0.0, scale: float | None = None, precision=None) -> jax.Array:
   r"""Pairwise scores between the rows of `x` and `y` under `metric`.

@@ -107,6 +107,7 @@ def _insert(found: _Found, mask: jax.Array, s: jax.Array, ids: jax.Array, cols: 
   return lax.cond(found.filled + total <= capacity, append, merge, None)
 
 
+@sharding.auto_axes(sharding.replicated)
 def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, max_pairs: int,
                 metric: kernels.Metric = "cosine", block_size: int | None = None,
                 query_block_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -202,7 +203,7 @@ def pairs_above(x: ArrayLike, y: ArrayLike | None = None, *, threshold: float, m
                  bound=bound)
   if not isinstance(found.overflowed, jax.core.Tracer) and bool(found.overflowed):
     warnings.warn(f"pairs_above: {found.count} pairs qualify but max_pairs={max_pairs}; only "
-                  "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=2)
+                  "the first max_pairs (row-major) are returned.", RuntimeWarning, stacklevel=3)
   return found
 
 

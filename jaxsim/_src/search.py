@@ -189,6 +189,7 @@ def merge_topk(best: jax.Array, best_ids: jax.Array, key: jax.Array, ids: jax.Ar
   return merged, jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=1), pos, axis=1)
 
 
+@sharding.auto_axes(sharding.replicated)
 def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernels.Metric = "cosine",
          block_size: int | None = None, query_block_size: int | None = None,
          exclude_self: bool = False, approx: bool = False, recall_target: float = 0.95,

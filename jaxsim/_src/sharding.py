@@ -18,11 +18,14 @@ one host (`tests/test_distributed.py`, `python -m experiments.distributed`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 PyTree = Any
@@ -38,23 +41,96 @@ def check_mesh(mesh) -> Mesh | None:
 
   Raises:
     TypeError: `mesh` is not a `jax.sharding.Mesh` or None.
-    ValueError: a `mesh` given under `jax.set_mesh` of a mesh with non-`Auto` axes,
-      whose sharding-in-types rules would apply inside the reductions.
   """
   if mesh is not None and not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
-  context = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not context.empty and any(
-      t != AxisType.Auto for t in context.axis_types):
-    raise ValueError(
-        "A mesh (`mesh=`, or the one a sharded input implies) cannot be used inside "
-        "`jax.set_mesh` of a mesh with "
-        f"{'/'.join(sorted({t.name for t in context.axis_types}))} axes (context mesh "
-        f"shape {dict(context.shape)}): the reduction splits its work over `mesh` itself. "
-        "Call it outside the `jax.set_mesh` block (with the same `mesh=`), or without `mesh=`.")
   if mesh is None or all(t == AxisType.Auto for t in mesh.axis_types):
     return mesh
   return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def explicit_mesh(*values: Any) -> Mesh | jax.sharding.AbstractMesh | None:
+  """The mesh with `Explicit` axes that a call on `values` runs under: the context's
+  (`jax.set_mesh`), else the one a `jax.Array` among the leaves of `values` is typed
+  with (concrete for an array, abstract for a tracer); None where there is none (then
+  JAX's sharding-in-types rules do not apply)."""
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty:
+    return context if AxisType.Explicit in context.axis_types else None
+  for leaf in jax.tree.leaves(values):
+    if not isinstance(leaf, jax.Array):
+      continue
+    mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+    if (isinstance(mesh, jax.sharding.AbstractMesh) and not mesh.empty
+        and AxisType.Explicit in mesh.axis_types):
+      return mesh if isinstance(leaf, jax.core.Tracer) else leaf.sharding.mesh
+  return None
+
+
+def auto_axes(out_spec: Callable[..., PartitionSpec]):
+  """Decorates a public function to run with `Explicit` mesh axes made `Auto`.
+
+  Under `Explicit` axes (`jax.make_mesh`'s default, and `jax.set_mesh`) every operation
+  must have a sharding JAX can infer from its inputs' types, which the kernels and
+  reductions do not spell out (a row-sharded set against itself asks for a result
+  sharded twice over one axis). Where `explicit_mesh` of the arguments finds such a
+  mesh, the function runs under `jax.sharding.auto_axes`, XLA places its operations,
+  and its results are laid out as `out_spec(*args, **kwargs)`; elsewhere it runs as it
+  is.
+  """
+  def wrap(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      mesh = explicit_mesh(args, kwargs)
+      if mesh is None:
+        return fn(*args, **kwargs)
+      # Only arrays pass through `auto_axes`; everything else (ints, meshes, numpy
+      # rows, an `Index` whose state a method updates) is bound as it is.
+      leaves, tree = jax.tree.flatten((args, kwargs),
+                                      is_leaf=lambda v: not isinstance(v, (tuple, list, dict)))
+      arrays = [isinstance(leaf, jax.Array) for leaf in leaves]
+
+      def inner(*values):
+        it = iter(values)
+        a, kw = jax.tree.unflatten(tree, [next(it) if is_array else leaf
+                                          for leaf, is_array in zip(leaves, arrays, strict=True)])
+        return fn(*a, **kw)
+
+      run = jax.sharding.auto_axes(inner, out_sharding=out_spec(*args, **kwargs))
+      # `auto_axes` takes its mesh from the context; a concrete one lets the programs
+      # inside compile for its devices.
+      if not jax.sharding.get_abstract_mesh().empty:
+        context = contextlib.nullcontext()
+      elif isinstance(mesh, Mesh):
+        context = jax.set_mesh(mesh)
+      else:
+        context = jax.sharding.use_abstract_mesh(mesh)
+      with context:
+        return run(*(leaf for leaf, is_array in zip(leaves, arrays, strict=True) if is_array))
+
+    return wrapper
+
+  return wrap
+
+
+def replicated(*args, **kwargs) -> PartitionSpec:
+  """The `auto_axes` layout of small results (top-k lists, counts): on every device."""
+  del args, kwargs
+  return PartitionSpec()
+
+
+def spec_entries(a: Any) -> tuple:
+  """The `PartitionSpec` entries of each axis of `a`'s type (None: not split)."""
+  spec = getattr(jax.typeof(a).sharding, "spec", None) if isinstance(a, jax.Array) else None
+  spec = () if spec is None else tuple(spec)
+  return spec + (None,) * (np.ndim(a) - len(spec))
+
+
+def like_first(a, *args, **kwargs) -> PartitionSpec:
+  """The `auto_axes` layout of a result shaped as the first argument but for its last
+  axis (attention's output: the query's batch, token and head axes)."""
+  del args, kwargs
+  return PartitionSpec(*spec_entries(a)[:-1], None)
 
 
 def num_shards(mesh: Mesh | None) -> int:

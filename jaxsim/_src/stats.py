@@ -303,6 +303,7 @@ class SimilarityStats(NamedTuple):
   bin_edges: jax.Array
 
 
+@sharding.auto_axes(sharding.replicated)
 def similarity_stats(x: ArrayLike, y: ArrayLike | None = None, *, metric: kernels.Metric = "cosine",
                      bins: int = 100, range: tuple[float, float] | None = None,
                      exclude_diagonal: bool = True, block_size: int | None = None,
