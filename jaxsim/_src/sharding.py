@@ -51,19 +51,21 @@ def check_mesh(mesh) -> Mesh | None:
 
 def explicit_mesh(*values: Any) -> Mesh | jax.sharding.AbstractMesh | None:
   """The mesh with `Explicit` axes that a call on `values` runs under: the context's
-  (`jax.set_mesh`), else the one a `jax.Array` among the leaves of `values` is typed
-  with (concrete for an array, abstract for a tracer); None where there is none (then
-  JAX's sharding-in-types rules do not apply)."""
+  (`jax.set_mesh`), else the one a `jax.Array` among `values` is typed with (concrete
+  for an array, abstract for a tracer); None where there is none (then JAX's
+  sharding-in-types rules do not apply)."""
   context = jax.sharding.get_abstract_mesh()
   if not context.empty:
     return context if AxisType.Explicit in context.axis_types else None
-  for leaf in jax.tree.leaves(values):
-    if not isinstance(leaf, jax.Array):
+  for leaf in values:
+    if isinstance(leaf, jax.core.Tracer):
+      mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+    elif isinstance(leaf, jax.Array) and isinstance(leaf.sharding, jax.sharding.NamedSharding):
+      mesh = leaf.sharding.mesh  # cheaper than `jax.typeof` on every small call
+    else:
       continue
-    mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
-    if (isinstance(mesh, jax.sharding.AbstractMesh) and not mesh.empty
-        and AxisType.Explicit in mesh.axis_types):
-      return mesh if isinstance(leaf, jax.core.Tracer) else leaf.sharding.mesh
+    if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+      return mesh
   return None
 
 
@@ -81,20 +83,18 @@ def auto_axes(out_spec: Callable[..., PartitionSpec]):
   def wrap(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-      mesh = explicit_mesh(args, kwargs)
+      values = (*args, *kwargs.values())
+      mesh = explicit_mesh(*values)
       if mesh is None:
         return fn(*args, **kwargs)
-      # Only arrays pass through `auto_axes`; everything else (ints, meshes, numpy
-      # rows, an `Index` whose state a method updates) is bound as it is.
-      leaves, tree = jax.tree.flatten((args, kwargs),
-                                      is_leaf=lambda v: not isinstance(v, (tuple, list, dict)))
-      arrays = [isinstance(leaf, jax.Array) for leaf in leaves]
+      # Only the array arguments pass through `auto_axes`; everything else (ints,
+      # meshes, numpy rows, an `Index` whose state a method updates) is bound as it is.
+      arrays = [isinstance(v, jax.Array) for v in values]
 
-      def inner(*values):
-        it = iter(values)
-        a, kw = jax.tree.unflatten(tree, [next(it) if is_array else leaf
-                                          for leaf, is_array in zip(leaves, arrays, strict=True)])
-        return fn(*a, **kw)
+      def inner(*given):
+        it = iter(given)
+        v = [next(it) if is_array else v for v, is_array in zip(values, arrays, strict=True)]
+        return fn(*v[:len(args)], **dict(zip(kwargs, v[len(args):], strict=True)))
 
       run = jax.sharding.auto_axes(inner, out_sharding=out_spec(*args, **kwargs))
       # `auto_axes` takes its mesh from the context; a concrete one lets the programs
@@ -106,7 +106,7 @@ def auto_axes(out_spec: Callable[..., PartitionSpec]):
       else:
         context = jax.sharding.use_abstract_mesh(mesh)
       with context:
-        return run(*(leaf for leaf, is_array in zip(leaves, arrays, strict=True) if is_array))
+        return run(*(v for v, is_array in zip(values, arrays, strict=True) if is_array))
 
     return wrapper
 
