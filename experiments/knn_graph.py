@@ -18,7 +18,8 @@ rows:
 jaxsim normalises inside the call, as its users' calls would. Every candidate's
 indices are compared with the float64 top-10 of a seeded sample of rows (1 - recall@10;
 random float32 data has a near tie at the 10th place for about one row in a thousand).
-Goals: the triangle at least 1.3x faiss and 1.3x the two-sided search.
+Goals: the triangle at least 1.3x faiss (on one device, and on two) and 1.3x the
+two-sided search.
 
 Run: `python -m experiments.knn_graph --cpu-devices 2 --out results` (n = 30,000; a few minutes on 2
 CPUs), or `--quick` (n = 8,192, about a minute). `--block-size` sets the triangle's
