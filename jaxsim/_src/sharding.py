@@ -14,6 +14,11 @@ its own rows through `jaxsim.shard_rows` (`jaxsim._src.distributed`), which lays
 out as these contiguous shards, any count per process; the same code then runs on
 every process and the results come back replicated. Tested with real processes on
 one host (`tests/test_distributed.py`, `python -m experiments.distributed`).
+
+Meshes with `Explicit` axes (sharding in types: `jax.make_mesh`'s default, and
+`jax.set_mesh`) are met in two places: a `mesh=` runs with its axes made `Auto`
+(`check_mesh`), and the public functions, decorated with `auto_axes`, run under
+`jax.sharding.auto_axes` where the context or an input has `Explicit` axes.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def explicit_mesh(*values: Any) -> Mesh | jax.sharding.AbstractMesh | None:
       mesh = leaf.sharding.mesh  # cheaper than `jax.typeof` on every small call
     else:
       continue
-    if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+    if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
       return mesh
   return None
 
