@@ -104,8 +104,10 @@ _EXPLICIT_CALLS = {
                        P()),
     "similarity_stats": (lambda q, x, b: jaxsim.similarity_stats(q, x), P()),
     "index": (lambda q, x, b: jaxsim.Index(x).search(q, 5), P()),
+    # By keyword: the result's layout is found from `query` however it is passed.
     "attention_blocked": (lambda q, x, b: jaxsim.attention(
-        *(b.reshape(4, 40, 2, 12),) * 3, block_size=8), P("d", None, None, None)),
+        query=b.reshape(4, 40, 2, 12), key=b.reshape(4, 40, 2, 12),
+        value=b.reshape(4, 40, 2, 12), block_size=8), P("d", None, None, None)),
 }
 
 

@@ -664,7 +664,14 @@ def attention_weights(query: ArrayLike, key: ArrayLike, bias: ArrayLike | None =
                             precision=precision, weights=True)
 
 
-@sharding.auto_axes(sharding.like_first)
+def _like_query(query, *args, **kwargs) -> jax.sharding.PartitionSpec:
+  """Where `attention`'s output lies under `Explicit` mesh axes: as the query's batch,
+  token and head axes (`sharding.auto_axes`)."""
+  del args, kwargs
+  return jax.sharding.PartitionSpec(*sharding.spec_entries(query)[:-1], None)
+
+
+@sharding.auto_axes(_like_query)
 def attention(query: ArrayLike, key: ArrayLike, value: ArrayLike,
               bias: ArrayLike | None = None, mask: ArrayLike | None = None, *,
               scale: float | jax.Array | None = None, is_causal: bool = False,

@@ -131,13 +131,6 @@ def spec_entries(a: Any) -> tuple:
   return spec + (None,) * (np.ndim(a) - len(spec))
 
 
-def like_first(a, *args, **kwargs) -> PartitionSpec:
-  """The `auto_axes` layout of a result shaped as the first argument but for its last
-  axis (attention's output: the query's batch, token and head axes)."""
-  del args, kwargs
-  return PartitionSpec(*spec_entries(a)[:-1], None)
-
-
 def num_shards(mesh: Mesh | None) -> int:
   return 1 if mesh is None else int(mesh.size)
 
