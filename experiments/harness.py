@@ -603,9 +603,7 @@ def environment() -> dict[str, Any]:
 def machine_line(env: Mapping[str, Any]) -> str:
   """One line naming the hardware, for plot titles and the README."""
   if env["backend"] == "cpu":
-    line = f"CPU: {env['processor']}, {env.get('cpu_affinity', env['cpu_count'])} cores"
-    devices = env.get("device_count", 1)
-    return line if devices == 1 else f"{line} as {devices} JAX CPU devices"
+    return f"CPU: {env['processor']}, {env.get('cpu_affinity', env['cpu_count'])} cores"
   return f"{env['backend'].upper()}: {env['device_kind']} x{env['device_count']}"
 
 
@@ -1118,9 +1116,6 @@ def parser(description: str, items: Sequence[Benchmark | Study] = ()) -> argpars
                  help="CPU only: run JAX programs on the calling thread (not JAX's default); "
                       "writes NAME_sync.json")
   p.add_argument("--no-plot", action="store_true", help="write the JSON only")
-  p.add_argument("--cpu-devices", type=int,
-                 help="CPU devices JAX makes of this host (jax_num_cpu_devices; default 1), "
-                      "for candidates that take a mesh; all share the same cores")
   return p
 
 
@@ -1153,9 +1148,6 @@ def main(items: Sequence[Benchmark | Study], *, name: str, description: str = ""
       p.error(f"--only: unknown part(s) {sorted(unknown)}; choose from "
               f"{[i.name for i in items]}")
     items = [i for i in items if i.name in args.only]
-  if args.cpu_devices is not None:
-    # Before JAX starts its CPU backend, which fixes the device count.
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   if args.sync_dispatch:
     set_cpu_dispatch(False)
   if args.torch_threads is not None:

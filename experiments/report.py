@@ -18,7 +18,7 @@ The README's figures come from (each writes its JSON and plots to `docs/results/
     python -m experiments.embedding_stats --out docs/results
     python -m experiments.attention_demo --out docs/results
     python -m experiments.numerics_bench --out docs/results
-    python -m experiments.knn_graph --cpu-devices 2 --out docs/results
+    python -m experiments.knn_graph --out docs/results
     python -m experiments.tiles --out docs/results
     python -m experiments.dense_forms --out docs/results
     python -m experiments.bf16_matmul --out docs/results

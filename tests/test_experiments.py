@@ -209,14 +209,12 @@ def test_knn_graph(results):
   p = _run(knn_graph, results, *TINY, "--grid", "n=300", "--grid", "d=16")
   assert p["checks_passed"]
   rows = _ok(p, "knn_graph")
-  # The suite's 8 CPU devices: the 2-device candidate runs.
-  assert set(rows) == {knn_graph.TRIANGLE, knn_graph.TRIANGLE_2, knn_graph.TWO_SIDED,
+  assert set(rows) == {knn_graph.TRIANGLE, knn_graph.ONE_PROGRAM, knn_graph.TWO_SIDED,
                        knn_graph.FAISS}
   assert all(r["error"] <= knn_graph.RECALL_TOLERANCE for r in rows.values())
   targets = p["benchmarks"]["knn_graph"]["targets"]
   assert {(t["candidate"], t["baseline"]) for t in targets} == {
-      (knn_graph.TRIANGLE, knn_graph.FAISS), (knn_graph.TRIANGLE_2, knn_graph.FAISS),
-      (knn_graph.TRIANGLE, knn_graph.TWO_SIDED)}
+      (knn_graph.TRIANGLE, knn_graph.FAISS), (knn_graph.TRIANGLE, knn_graph.TWO_SIDED)}
 
 
 def test_knn_graph_reference_and_drop_self():

@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.neighbors import kneighbors_graph
 
 import jaxsim
+from jaxsim._src import graph
 from tests import reference
 
 METRICS = ("dot", "cosine", "scaled_dot", "sq_euclidean", "euclidean")
@@ -176,3 +177,28 @@ def test_grouped_selection_of_a_few_rows():
   got = jaxsim.topk(x, None, 1, exclude_self=True, block_size=256)
   _same(got, _ref(x, 1, "cosine", True))
   _same(got, jaxsim.topk(x, x, 1, exclude_self=True))
+
+
+@pytest.mark.parametrize(("metric", "block", "k", "exclude_self"),
+                         [("cosine", 128, 3, True), ("dot", 96, 7, False)])
+def test_two_threads_give_the_one_program_results(metric, block, k, exclude_self, monkeypatch):
+  # Entries of +-1: exact equal scores in both threads' runs of tiles, so the merge's ties
+  # to the lower id are under test; blocks of 128 with k = 3 take the grouped selection.
+  x = np.random.default_rng(2).choice(np.float32([-1, 1]), size=(700, 16))
+  x[300:305] = x[7]
+  call = lambda: jaxsim.topk(x, None, k, metric=metric, exclude_self=exclude_self,
+                             block_size=block)
+  monkeypatch.setattr(graph, "THREADS_MIN_ROWS", 1 << 62)
+  one = call()
+  ran = []
+  monkeypatch.setattr(graph, "THREADS_MIN_ROWS", 0)
+  monkeypatch.setattr(graph, "_run_in_threads",
+                      lambda calls, run=graph._run_in_threads: ran.append(len(calls)) or run(calls))
+  two = call()
+  assert ran == [graph.THREADS]
+  np.testing.assert_array_equal(two[0], one[0])
+  np.testing.assert_array_equal(two[1], one[1])
+  _same(two, _ref(x, k, metric, exclude_self))
+  # Inside a program the call is traced: one program, no threads.
+  jax.jit(call)()
+  assert ran == [graph.THREADS]

@@ -35,6 +35,7 @@ of the k-th distance, a second triangle pass recomputes every pair within reach.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -86,10 +87,48 @@ def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, appro
       k, n, exclude_self=exclude_self, recall_target=recall_target, rows="rows",
       shapes=f"queries.shape={x.shape}, corpus=None")
   block = default_block(n) if block_size is None else min(block_size, n)
-  scores, ids = _topk_self(x, k=k, metric=metric, block=block, exclude_self=exclude_self,
-                           approx=approx, recall_target=recall_target, mesh=mesh,
-                           precision=precision)
+  # A numpy `x` becomes a tracer here inside a caller's program, whose trace it joins.
+  x = jnp.asarray(x)
+  run = functools.partial(_topk_self, x, k=k, metric=metric, block=block,
+                          exclude_self=exclude_self, approx=approx,
+                          recall_target=recall_target, mesh=mesh, precision=precision)
+  if _in_threads(x, metric=metric, approx=approx, mesh=mesh):
+    parts = _run_in_threads([functools.partial(run, jnp.int32(i), parts=THREADS)
+                             for i in range(THREADS)])
+    scores, ids = _merge_parts(*(jnp.stack(v) for v in zip(*parts, strict=True)), width=k)
+  else:
+    scores, ids = run()
   return scores.astype(x.dtype), ids
+
+
+# On CPU, an inner-product triangle of at least `THREADS_MIN_ROWS` rows outside any
+# program or mesh runs as `THREADS` programs, each walking one run of the tiles, started
+# from as many threads. XLA:CPU runs one program an operation at a time and its `top_k`
+# on one thread, so one program leaves a core idle while it selects; two programs on
+# the same device run side by side, one selecting while the other multiplies
+# (`experiments/knn_graph.py`). The results are those of one program, merged as a
+# two-device mesh merges them.
+THREADS = 2
+THREADS_MIN_ROWS = 4096
+
+
+def _in_threads(x, *, metric, approx, mesh) -> bool:
+  return (mesh is None and not approx and metric not in kernels.DISTANCES
+          and x.shape[0] >= THREADS_MIN_ROWS and not isinstance(x, jax.core.Tracer)
+          # A thread sees none of the caller's `jax.default_device` or mesh contexts.
+          and jax.config.jax_default_device is None
+          and jax.sharding.get_abstract_mesh().empty
+          and all(d.platform == "cpu" for d in x.devices()))
+
+
+def _run_in_threads(calls):
+  with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+    futures = [pool.submit(lambda c=c: jax.block_until_ready(c())) for c in calls]
+    return [f.result() for f in futures]
+
+
+_merge_parts = jax.jit(lambda best, ids, width: _merge_devices(best, ids, width),
+                       static_argnames="width")
 
 
 def _merge_devices(best: jax.Array, ids: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
@@ -179,7 +218,7 @@ def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
 
 
 def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, lazy=None,
-          finish=None):
+          finish=None, part=None):
   """Every row's streamed top-`width` over the triangle tiles, merged over devices.
 
   `prep(rows)` prepares a block (`kernels.Prepared`). `tile(rows, cols, rp, cp, r_ids,
@@ -189,7 +228,9 @@ def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, la
   marks the valid pairs. `lazy(rp, cp, *extra)`, where given, gives an off-diagonal
   tile as a `_Lazy` instead (the fast path, taken where the grouped selection applies).
   `finish(best, ids, *extra)` maps each device's `(best, ids)` to `(best, ids, *more)`
-  before the devices are merged; `more` comes back stacked per device.
+  before the devices are merged; `more` comes back stacked per device. `part=(index,
+  count)` (no mesh): only the `index`-th of `count` runs of the tiles, unmerged, as one
+  of `count` devices would walk them.
   """
   n = x.shape[0]
   acc = kernels.accum_dtype(x.dtype)
@@ -246,13 +287,19 @@ def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, la
                                             shard=(index, count), remat=False)
     return (best, ids) if finish is None else finish(best, ids, *extra)
 
+  if part is not None:
+    return local(*part, x, extra)
   out = sharding.map_devices(local, x, extra, mesh=mesh)
   return (*_merge_devices(out[0], out[1], width), *out[2:])
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k", "metric", "block", "exclude_self", "approx", "recall_target", "mesh", "precision"))
-def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh, precision):
+    "k", "metric", "block", "exclude_self", "approx", "recall_target", "mesh", "precision",
+    "parts"))
+def _topk_self(x, index=None, *, k, metric, block, exclude_self, approx, recall_target, mesh,
+               precision, parts=None):
+  """The triangle's top-k; with `parts`, inner-product metrics only, the unmerged top-k of
+  the `index`-th of `parts` runs of its tiles (see `_in_threads`)."""
   euclid = metric in kernels.DISTANCES
   shift = kernels.centre(x) if euclid else None
   prep = lambda rows: kernels.prepare(rows, metric, shift=shift)
@@ -284,7 +331,7 @@ def _topk_self(x, *, k, metric, block, exclude_self, approx, recall_target, mesh
               else kernels.score(rp, cp, metric, precision=precision))
       return _Lazy(vals, key_of)
 
-    return _scan(x, prep, tile, k, (), lazy=lazy, **opts)
+    return _scan(x, prep, tile, k, (), lazy=lazy, part=parts and (index, parts), **opts)
 
   # Euclidean: as `search.topk_prepared`, (1) each device's k + TOPK_EXTRA best by the
   # expansion, recomputed directly; (2) where the bound leaves a row outside them within
