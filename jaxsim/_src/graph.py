@@ -25,7 +25,9 @@ column side of the tiles `(i, r)`, `i < r`, then as the row side of `(r, j)`, `j
 and `search.merge_topk` keeps earlier arrivals first. With `mesh=` every device holds
 all rows and walks one contiguous run of the row-major tiles (`sharding.map_devices`);
 the runs hold increasing column blocks for any one row, so merging the devices' top-k
-in device order again breaks ties by lower index.
+in device order again breaks ties by lower index. On CPU without a mesh, a large
+inner-product graph is split the same way into two runs, walked by two programs from
+two threads (`THREADS`).
 
 The Euclidean metrics keep the guarantees of the two-sided search (`jaxsim._src.refine`):
 each row's `k + refine.TOPK_EXTRA` best by the expansion are recomputed directly as

@@ -232,8 +232,10 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
       runs for both sides of each tile; `experiments/knn_graph.py` measures the time).
       Its tiles are square, `block_size` rows a side (default 1024 rows on CPU, 8192 on
       GPU and TPU), and `query_block_size` must be None; with `mesh`, every device
-      holds all the rows and scores its share of the tiles. `jaxsim.knn_graph` turns
-      the result into a sparse matrix.
+      holds all the rows and scores its share of the tiles. On CPU, from 4096 rows, an
+      inner-product graph called outside a program runs as two programs on two threads,
+      one selecting while the other multiplies (`jaxsim._src.graph`). `jaxsim.knn_graph`
+      turns the result into a sparse matrix.
     k: results per query, `1 <= k <= n` (`k <= n - 1` with `exclude_self`).
     metric: one of `"dot"`, `"cosine"`, `"scaled_dot"` (largest first) or
       `"sq_euclidean"`, `"euclidean"` (nearest first).
