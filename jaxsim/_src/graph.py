@@ -129,10 +129,6 @@ def _run_in_threads(calls):
     return [f.result() for f in futures]
 
 
-_merge_parts = jax.jit(lambda best, ids, width: _merge_devices(best, ids, width),
-                       static_argnames="width")
-
-
 def _merge_devices(best: jax.Array, ids: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
   """Per-device `(devices, n, w)` top-k merged into `(n, width)`, ties to the lower id.
 
@@ -145,6 +141,9 @@ def _merge_devices(best: jax.Array, ids: jax.Array, width: int) -> tuple[jax.Arr
   best = jnp.moveaxis(best, 0, 1).reshape(n, -1)
   ids = jnp.moveaxis(ids, 0, 1).reshape(n, -1)
   return search.merge_topk(best[:, :0], ids[:, :0], best, ids, width)
+
+
+_merge_parts = jax.jit(_merge_devices, static_argnames="width")
 
 
 class _Lazy(NamedTuple):
@@ -333,7 +332,8 @@ def _topk_self(x, index=None, *, k, metric, block, exclude_self, approx, recall_
               else kernels.score(rp, cp, metric, precision=precision))
       return _Lazy(vals, key_of)
 
-    return _scan(x, prep, tile, k, (), lazy=lazy, part=parts and (index, parts), **opts)
+    return _scan(x, prep, tile, k, (), lazy=lazy, part=None if parts is None else (index, parts),
+                 **opts)
 
   # Euclidean: as `search.topk_prepared`, (1) each device's k + TOPK_EXTRA best by the
   # expansion, recomputed directly; (2) where the bound leaves a row outside them within
