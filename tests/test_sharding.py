@@ -1,4 +1,5 @@
-"""The corpus-splitting helper: shards, global offsets, padding, device order."""
+"""The multi-device helpers: shards, global offsets, padding, device order, and meshes and
+inputs with Explicit axes."""
 
 import contextlib
 
