@@ -73,7 +73,7 @@ def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, appro
               recall_target, mesh, precision) -> tuple[jax.Array, jax.Array]:
   """`jaxsim.topk(x, None, k, ...)`: validates, then runs the triangle (see `search.topk`)."""
   kernels.check_metric(metric)
-  mesh = distributed.prepare_call(sharding.check_mesh(mesh), x, name="queries", k=k, metric=metric,
+  mesh = distributed.prepare_call(mesh, x, name="queries", k=k, metric=metric,
                                   block_size=block_size, exclude_self=exclude_self,
                                   approx=approx, recall_target=recall_target)
   x, _ = validation.matrices(x, None, x_name="queries")
@@ -89,8 +89,10 @@ def topk_self(x, k, *, metric, block_size, query_block_size, exclude_self, appro
       k, n, exclude_self=exclude_self, recall_target=recall_target, rows="rows",
       shapes=f"queries.shape={x.shape}, corpus=None")
   block = default_block(n) if block_size is None else min(block_size, n)
-  # A numpy `x` becomes a tracer here inside a caller's program, whose trace it joins.
-  x = jnp.asarray(x)
+  if mesh is None:
+    # Placed once for both threads (`_in_threads`); a numpy `x` becomes a tracer here
+    # inside a caller's program, whose trace it joins. With a mesh the program places it.
+    x = jnp.asarray(x)
   run = functools.partial(_topk_self, x, k=k, metric=metric, block=block,
                           exclude_self=exclude_self, approx=approx,
                           recall_target=recall_target, mesh=mesh, precision=precision)
