@@ -225,6 +225,30 @@ def search(results: Path) -> str | None:
   return "\n".join(parts + ["", source_line(p)])
 
 
+def stages(results: Path) -> str | None:
+  p = load(results, "search_bench")
+  rows = [] if p is None else [r for r in _rows(p, "stages") if r["status"] == "ok"]
+  if not rows:
+    return None
+  r0 = rows[0]
+  # Candidates are named "TILES: STAGE", in stage order per path.
+  by = {tuple(r["candidate"].split(": ", 1)): r for r in rows}
+  paths = list(dict.fromkeys(t for t, _ in by))
+  names = list(dict.fromkeys(s for _, s in by))
+  lines = [f"Where the time of a top-{r0['k']} cosine search of {r0['queries']} queries in "
+           f"{r0['n']:,} x {r0['d']} rows goes: `jaxsim.topk`'s loop with its work added stage "
+           "by stage, time per call (over the tile matmuls of the same path):", "",
+           "| tiles | " + " | ".join(names) + " |",
+           "| " + " | ".join(["---"] * (len(names) + 1)) + " |"]
+  for tiles in paths:
+    base = by.get((tiles, names[0]))
+    cells = [_cell(by.get((tiles, name)), lambda r, base=base: _time(r) + (
+        "" if base is None or r is base else f" ({r['median_s'] / base['median_s']:.2f}x)"))
+             for name in names]
+    lines.append(f"| {tiles} | " + " | ".join(cells) + " |")
+  return "\n".join(lines + ["", source_line(p)])
+
+
 def embedding(results: Path) -> str | None:
   p = load(results, "embedding_stats")
   if p is None:
@@ -314,6 +338,7 @@ def xla_flags(results: Path) -> str | None:
 
 TABLES: dict[str, Callable[[Path], str | None]] = {
     "scaling": scaling, "small": small, "post_table": post_table, "search": search,
+    "stages": stages,
     "embedding": embedding, "attention": attention,
     "numerics": benchmarks("numerics_bench", "euclidean_refinement"),
     "knn_graph": benchmarks("knn_graph", "knn_graph"),

@@ -1,6 +1,6 @@
 """Exact top-k cosine search: jaxsim.topk against faiss, torch, scikit-learn and XLA's matmul.
 
-Two parts:
+Three parts:
 
 1. `search`: 1024 queries, top-10 by cosine, against corpora of 10,000 to 100,000 x 384
    float32 rows. Candidates (queries and corpus normalised once beforehand, outside
@@ -28,7 +28,14 @@ Two parts:
    (recall@k); goals: jaxsim >= 0.95x faiss's throughput (1.3x the stretch), >= 0.9x
    the raw matmul's, a non-matmul share of at most 10% at n=100,000 (each path against
    its own tile matmuls), and the bfloat16 scoring faster than float32.
-2. `self_topk`: the k nearest rows of every row of one set, streamed, at sizes where
+2. `stages`: where the search's time goes, at n=100,000 (`--quick`: 20,000). For each
+   path (float32 and bfloat16 tiles) its tile matmuls, then the same loop adding one part
+   of `jaxsim.topk`'s work at a time (`_tile_matmuls`): each corpus block's preparation
+   (unit rows, and the bfloat16 rounding with the norms of its bound), then each tile's
+   ranking keys and group maxima, then `jaxsim.topk` itself, which adds the merge into
+   the running top-k (and, for bfloat16, the float32 rescoring and certificate). Each
+   stage's time over the tile matmuls' is 1 + the share that the stages so far add.
+3. `self_topk`: the k nearest rows of every row of one set, streamed, at sizes where
    the N x N matrix would not fit, against the dense route (`jaxsim.cosine`, then
    `lax.top_k`) while its matrix stays under 512 MiB; XLA's planned memory of
    the dense route is reported where it is not run.
@@ -51,7 +58,7 @@ import numpy as np
 import jaxsim
 from experiments import harness
 from experiments.harness import Benchmark, Candidate, Grid, Target
-from jaxsim._src import blockscan, defaults, lowprec, search, stats
+from jaxsim._src import blockscan, defaults, kernels, lowprec, search, stats
 
 NAME = "search_bench"
 JAXSIM = "jaxsim.topk"
@@ -111,13 +118,9 @@ def recall_check(case: harness.Case, outputs: dict) -> dict:
   Over at most `CHECK_QUERIES` queries (a seeded sample of a larger set).
   """
   errors = {}
-  for name in (TILES, TILES_BF16):  # no top-k: the last tile's scores against float64
+  for name, (bf16, stage) in TILE_OUTPUTS.items():
     if name in outputs:
-      rows, cols = outputs[name].shape
-      want = case.q[-rows:].astype(np.float64) @ case.c[-cols:].astype(np.float64).T
-      error = float(np.max(np.abs(np.asarray(outputs.pop(name)) - want)))
-      # bfloat16 inputs: the bound of unit rows scaled to the tolerance (passes within it).
-      errors[name] = error if name == TILES else error * RECALL_TOLERANCE / BF16_UNIT_BOUND
+      errors[name] = _tile_error(case, outputs.pop(name), bf16=bf16, grouped=stage == "keys")
   rows = np.arange(len(case.q))
   if len(rows) > CHECK_QUERIES:  # a seeded sample keeps the float64 reference cheap
     rows = np.sort(np.random.default_rng(0).choice(len(rows), CHECK_QUERIES, replace=False))
@@ -125,6 +128,24 @@ def recall_check(case: harness.Case, outputs: dict) -> dict:
   return errors | {name: 1.0 - float(np.mean([len(set(a) & set(b)) / case.k
                                      for a, b in zip(np.asarray(idx)[rows], ref, strict=True)]))
           for name, idx in outputs.items()}
+
+
+def _tile_error(case: harness.Case, out, *, bf16: bool, grouped: bool) -> float:
+  """The largest difference of a `_tile_matmuls` result from float64: the last query
+  block's scores against the last corpus block (which ends at row n, its rows that the
+  block before covered masked), or (`grouped`) their group maxima. For bfloat16 tiles
+  scaled so that the rounding bound of unit rows is the tolerance."""
+  out = np.asarray(out[0], np.float64)
+  n = len(case.c)
+  _, nb, group = _blocks(len(case.q), n, case.args.block_size)
+  want = case.q[-out.shape[0]:].astype(np.float64) @ case.c[-nb:].astype(np.float64).T
+  if grouped:
+    covered = (-(-n // nb) - 1) * nb  # rows the blocks before the last one scored
+    want = np.where(np.arange(n - nb, n) >= covered, np.clip(want, -1.0, 1.0), -np.inf)
+    want = want.reshape(len(want), -1, group).max(axis=-1)
+  diff = np.where(want == out, 0.0, np.abs(out - want))
+  error = float(np.max(diff))
+  return error * RECALL_TOLERANCE / BF16_UNIT_BOUND if bf16 else error
 
 
 def _torch_st(queries, corpus, k, query_chunk=100, corpus_chunk=500_000):
@@ -181,27 +202,82 @@ def _topk(case, bf16=None):
     lowprec.FORCE = saved
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "bf16"))
-def _tile_matmuls(queries, corpus, block_size=None, bf16=False):
-  """`jaxsim.topk`'s tile matmuls over its blocks and nothing else, each into the same
-  tile buffer: the scores of the last query block against the last corpus block
-  (`bf16`: of the rows rounded to bfloat16, accumulated in float32, as the bfloat16
-  path scores them)."""
-  qb, nb = stats.tile_sizes(queries.shape[0], corpus.shape[0], block_size, None,
-                            multiple=search.GROUP, tile=defaults.topk_tile())
-  tile = jnp.zeros((min(qb, queries.shape[0]), min(nb, corpus.shape[0])), queries.dtype)
-  if bf16:
-    queries = queries.astype(lowprec.LOW)
+def _blocks(q: int, n: int, block_size: int | None) -> tuple[int, int, int]:
+  """`jaxsim.topk`'s query and corpus block rows for `q` queries and `n` rows, and its
+  group size (a whole block where `GROUP` does not divide it)."""
+  qb, nb = stats.tile_sizes(q, n, block_size, None, multiple=search.GROUP,
+                            tile=defaults.topk_tile())
+  qb, nb = min(qb, q), min(nb, n)
+  return qb, nb, search.GROUP if nb % search.GROUP == 0 else nb
 
-  def step(tile, block, start, valid):
-    if bf16:
-      block = block.astype(lowprec.LOW)
-      mm = lambda _, q, start, valid: lowprec.matmul_t(q, block)
+
+# `_tile_matmuls`' stages: each adds one part of `jaxsim.topk`'s work per block or tile.
+STAGES = {"matmul": "tile matmuls",
+          "prepare": "+ block preparation",
+          "keys": "+ keys and group maxima"}
+TILE_PRECISIONS = ("float32", "bfloat16")
+
+
+def _stage(tiles: str, stage: str) -> str:
+  """The `stages` benchmark's candidate name of one stage (or `"topk"`) of one path."""
+  return f"{tiles}: " + ("jaxsim.topk" if stage == "topk" else STAGES[stage])
+
+
+# Candidates whose output is a `_tile_matmuls` result: name -> (bfloat16 tiles, stage).
+TILE_OUTPUTS = {TILES: (False, "matmul"), TILES_BF16: (True, "matmul"),
+                **{_stage(t, s): (t == "bfloat16", s) for t in TILE_PRECISIONS for s in STAGES}}
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "bf16", "stage"))
+def _tile_matmuls(queries, corpus, block_size=None, bf16=False, stage="matmul"):
+  """`jaxsim.topk`'s tile matmuls over its blocks and, by `stage`, more of its work.
+
+  `"matmul"`: the tile matmuls and nothing else, each into the same tile buffer; the
+  result is the scores of the last query block against the last corpus block (`bf16`:
+  of the rows rounded to bfloat16, accumulated in float32, as the bfloat16 path scores
+  them). `"prepare"`: also each corpus block prepared as `topk` prepares it (unit rows
+  and the running maximum of their norms; `bf16`: rounded to bfloat16 with the norms
+  of the rounding bound, `lowprec.split`), and the queries once. `"keys"`: also each
+  tile finished into ranking keys (clip, non-finite rows, padding masked) and reduced
+  to its group maxima, `search._merge_tile`'s first pass; the result is then the last
+  tile's group maxima. What `topk` adds to the last stage is the merge itself.
+  Returns `(result, maxima)`.
+  """
+  qb, nb, group = _blocks(queries.shape[0], corpus.shape[0], block_size)
+  prepared = stage != "matmul"
+  qp = kernels.prepare(queries, "cosine") if prepared else kernels.Prepared(
+      queries, jnp.ones(queries.shape[:1]))
+  qrows = qp.rows.astype(lowprec.LOW) if bf16 else qp.rows
+  zero = jnp.zeros((), jnp.float32)
+  out = jnp.zeros((qb, nb // group if stage == "keys" else nb), jnp.float32)
+  init = (out, lowprec.Norms(zero, zero, zero) if bf16 else zero)
+
+  def step(carry, block, start, valid):
+    out, maxima = carry
+    if prepared:
+      bp = kernels.prepare(block, "cosine")
+      ok = valid & jnp.isfinite(bp.aux)
+      if bf16:
+        split = lowprec.split(bp.rows)
+        maxima = lowprec.Norms.combine(maxima, split.norms.max(ok))
+        bp = kernels.Prepared(split.low, bp.aux)
+      else:
+        maxima = jnp.maximum(maxima, jnp.max(jnp.where(ok, bp.aux, 0.0)))
     else:
-      mm = lambda _, q, start, valid: q @ block.T
-    return blockscan.block_scan(mm, tile, queries, block_size=qb, pad_tail=False)
+      bp = kernels.Prepared(block.astype(lowprec.LOW) if bf16 else block, None)
 
-  return blockscan.block_scan(step, tile, corpus, block_size=nb, pad_tail=False)
+    def tile(_, q, start, valid_rows):
+      rows, aux = q
+      dots = lowprec.matmul_t(rows, bp.rows) if bf16 else rows @ bp.rows.T
+      if stage != "keys":
+        return dots
+      key = search._keys(kernels.finish_cosine(dots, aux[:, None], bp.aux[None, :]), "cosine",
+                         valid[None, :])
+      return jnp.max(key.reshape(key.shape[0], -1, group), axis=-1)
+
+    return blockscan.block_scan(tile, out, (qrows, qp.aux), block_size=qb, pad_tail=False), maxima
+
+  return blockscan.block_scan(step, init, corpus, block_size=nb, pad_tail=False)
 
 
 _top_indices = jax.jit(lambda s, k: jax.lax.top_k(s, k)[1], static_argnums=1)
@@ -253,6 +329,30 @@ SEARCH = Benchmark(
 )
 
 
+def _stage_call(case: harness.Case, *, tiles: str, stage: str):
+  bf16 = tiles == "bfloat16"
+  if stage == "topk":
+    return _topk(case, bf16=bf16)
+  return _tile_matmuls(case.qj, case.cj, block_size=case.args.block_size, bf16=bf16, stage=stage)
+
+
+STAGES_BENCH = Benchmark(
+    name="stages",
+    title=f"Where a top-{K} cosine search spends its time: {JAXSIM}'s work added stage by "
+          "stage, float32 inputs",
+    grid=Grid(quick={"n": [20_000], "queries": [256], "d": [384], "k": [K]},
+              full={"n": [100_000], "queries": [1024], "d": [384], "k": [K]}),
+    setup=setup,
+    candidates=[
+        Candidate(_stage(tiles, stage), functools.partial(_stage_call, tiles=tiles, stage=stage),
+                  output=None if stage != "topk" else _indices)
+        for tiles in TILE_PRECISIONS for stage in (*STAGES, "topk")],
+    check=recall_check, tolerance=RECALL_TOLERANCE,
+    timing={"warmup": 1},
+    note="each stage's time over its path's tile matmuls is 1 + the share of the work it adds",
+)
+
+
 def self_setup(point: dict, ctx: harness.Context) -> harness.Case:
   x = ctx.rng.standard_normal((point["n"], point["d"]), dtype=np.float32)
   return harness.Case(q=x, c=x, qj=jnp.asarray(x), k=point["k"], args=ctx.args)
@@ -299,7 +399,7 @@ SELF_TOPK = Benchmark(
     work=lambda p: 2.0 * p["n"] ** 2 * p["d"] / 1e9, rate_unit="GFLOP/s",
     memory=True, analyse=planned_dense_memory, timing={"warmup": 1, "min_sample_s": 0.0},
 )
-BENCHMARKS = [SEARCH, SELF_TOPK]
+BENCHMARKS = [SEARCH, STAGES_BENCH, SELF_TOPK]
 
 
 def _arguments(p) -> None:

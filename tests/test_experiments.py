@@ -6,8 +6,10 @@ result agreed with its reference before it was timed, and the module's own numbe
 against independent references. Timings themselves are not tested.
 """
 
+import argparse
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -185,6 +187,28 @@ def test_search_bench(results):
       search_bench.TILES_BF16}
   self_rows = _ok(p, "self_topk")
   assert self_rows[search_bench.JAXSIM]["peak_bytes"] > 0
+  stages = _ok(p, "stages")
+  assert len(stages) == 8 and all(r["error"] <= search_bench.RECALL_TOLERANCE
+                                  for r in stages.values())
+  assert "| float32 | " in report.stages(results)
+
+
+@pytest.mark.parametrize("stage", list(search_bench.STAGES))
+@pytest.mark.parametrize("bf16", [False, True])
+def test_search_bench_stages_are_checked_against_float64(stage, bf16):
+  # 300 rows in blocks of 64: the last block is shifted back over the one before it.
+  rng = np.random.default_rng(3)
+  q, c = (search_bench._normalise(rng.standard_normal(s, dtype=np.float32))
+          for s in ((20, 16), (300, 16)))
+  case = harness.Case(q=q, c=c, args=argparse.Namespace(block_size=64))
+  out = search_bench._tile_matmuls(jnp.asarray(q), jnp.asarray(c), block_size=64, bf16=bf16,
+                                   stage=stage)
+  assert out[0].shape == (20, 2 if stage == "keys" else 64)
+  assert search_bench._tile_error(case, out, bf16=bf16, grouped=stage == "keys") <= (
+      search_bench.RECALL_TOLERANCE if bf16 else 1e-6)
+  wrong = (out[0].at[3, 1].add(0.05), out[1])
+  assert search_bench._tile_error(case, wrong, bf16=bf16, grouped=stage == "keys") > (
+      search_bench.RECALL_TOLERANCE)
 
 
 def test_search_bench_exact_topk_matches_a_float64_sort():
