@@ -221,7 +221,9 @@ def topk(queries: ArrayLike, corpus: ArrayLike | None, k: int, *, metric: kernel
   about `2 k` candidates per query, rescores them in float32 and proves, per query,
   with the rounding bound of `jaxsim._src.lowprec`, that no other row can reach the
   k-th score; the few queries it cannot prove (near-ties at the bfloat16 scale) are
-  searched again in float32. The results are the float32 search's.
+  searched again in float32. The results are the float32 search's (the rescored
+  scores may differ from the tiles' in the last bit, so scores equal up to rounding
+  may order either way, as above).
 
   Args:
     queries: `(q, d)` query rows.
