@@ -596,11 +596,11 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
   when, on every device, the width-th bfloat16 key plus the bound `E` (per query,
   against that device's corpus maxima) is strictly below the k-th rescored score:
   every row outside the candidates then scores, in float32, strictly below the k-th,
-  so the rescored top-k is the float32 search's. (4) Queries that fail (near-ties at
-  the bound's scale, duplicate rows, non-finite or huge rows) are searched again with
-  the float32 scan: the few (up to `FALLBACK_ROWS`, or one query in `FALLBACK_SHARE`)
-  gathered into one small pass, more in a full pass; none, the usual case, costs
-  nothing (`lax.switch`).
+  so the rescored top-k is the float32 search's (to last-bit rounding). (4) Queries
+  that fail (near-ties at the bound's scale, duplicate rows, non-finite or huge rows)
+  are searched again with the float32 scan: the few (up to `FALLBACK_ROWS`, or one
+  query in `FALLBACK_SHARE`) gathered into one small pass, more in a full pass; none,
+  the usual case, costs nothing (`lax.switch`).
   """
   rows, aux, ids = padded
   d = rows.shape[-1]
