@@ -143,6 +143,7 @@ class Sizes:
   attention_metrics: tuple[str, ...]
   repeats: int
   min_sample_s: float
+  idle_s: float = harness.IDLE_S  # the pause before each timed sample (`harness.compare`)
 
 
 def plan(backend: str, memory: int | None, mode: str) -> Sizes:
@@ -162,7 +163,7 @@ def plan(backend: str, memory: int | None, mode: str) -> Sizes:
                  check_attention_metrics=("cosine",), dtypes=("float32",), allpairs_n=64,
                  allpairs_d=16, topk_q=16, topk_n=300, topk_d=16, topk_k=5,
                  attention=(1, 40, 2, 16), attention_block=16, attention_dtype="float32",
-                 attention_metrics=("cosine",), repeats=1, min_sample_s=0.0)
+                 attention_metrics=("cosine",), repeats=1, min_sample_s=0.0, idle_s=0.0)
   # TPUs have no float16 matmul unit; XLA emulates it there.
   check_dtypes = (("float32", "bfloat16") if backend == "tpu"
                   else ("float32", "bfloat16", "float16"))
@@ -220,7 +221,7 @@ def compiled(fn: Callable, *args) -> tuple[Callable, dict[str, int] | None]:
 def time_all(fns: dict[str, Callable[[], Any]], sizes: Sizes) -> dict[str, float]:
   """Median seconds per call of each zero-argument callable, timed side by side."""
   timings = harness.compare(fns, repeats=sizes.repeats, warmup=1,
-                            min_sample_s=sizes.min_sample_s)
+                            min_sample_s=sizes.min_sample_s, idle_s=sizes.idle_s)
   return {name: t.median for name, t in timings.items()}
 
 

@@ -112,7 +112,7 @@ def _normalise(x):
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def run_batch(index, corpus_j, fidx, q, dim, k, rng, repeats) -> dict:
+def run_batch(index, corpus_j, fidx, q, dim, k, rng, repeats, timing) -> dict:
   import jax.numpy as jnp
 
   import jaxsim
@@ -133,12 +133,12 @@ def run_batch(index, corpus_j, fidx, q, dim, k, rng, repeats) -> dict:
       "index_vs_faiss_identical_sets": float(np.mean(
           [set(a) == set(b) for a, b in zip(got, fns[FAISS_BLAS]()[1], strict=True)])),
   }
-  timings = harness.compare(fns, repeats=repeats, warmup=2)
+  timings = harness.compare(fns, repeats=repeats, warmup=2, **timing)
   best = min(FAISS_ALL, key=lambda name: timings[name].median)
   # faiss's OpenMP threads keep spinning after each call and slow whatever runs next;
   # the two jaxsim candidates are also timed side by side without faiss in the round.
   pair = harness.compare({INDEX: fns[INDEX], TOPK: fns[TOPK]}, repeats=max(repeats, 9),
-                         warmup=1)
+                         warmup=1, **timing)
   return {"queries": q, "k": k, "timings_s": {name: dict(t) for name, t in timings.items()},
           "pair_timings_s": {name: dict(t) for name, t in pair.items()},
           "faiss_best": best, "agreement": agreement,
@@ -178,7 +178,10 @@ def main(argv=None) -> dict:
   corpus_j = jnp.asarray(corpus)
   fidx = faiss.IndexFlatIP(args.dim)
   fidx.add(_normalise(corpus))
-  rows = [run_batch(index, corpus_j, fidx, q, args.dim, args.k, rng, args.repeats)
+  # The shared options (`--min-sample-s`, `--idle-s`) where given; else `compare`'s defaults.
+  timing = {key: v for key, v in (("min_sample_s", args.min_sample_s), ("idle_s", args.idle_s))
+            if v is not None}
+  rows = [run_batch(index, corpus_j, fidx, q, args.dim, args.k, rng, args.repeats, timing)
           for q in harness.progress(args.batches, "batch")]
   table = []
   for r in rows:

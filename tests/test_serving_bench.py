@@ -11,7 +11,8 @@ pytest.importorskip("faiss")
 def test_serving_bench_quick(tmp_path, capsys):
   from experiments import serving_bench
 
-  results = serving_bench.main(["--quick", "--out", str(tmp_path), "--repeats", "2"])
+  results = serving_bench.main(["--quick", "--out", str(tmp_path), "--repeats", "2",
+                                "--min-sample-s", "0", "--idle-s", "0"])
   payload = json.loads((tmp_path / "serving_bench.json").read_text())
   assert payload["results"]["n"] == results["n"]
   compiles = results["compiles"]
