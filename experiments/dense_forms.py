@@ -163,19 +163,20 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 import jaxsim
 from experiments import harness
-n, d, repeats, min_s = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+n, d, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+min_s, idle_s = float(sys.argv[4]), float(sys.argv[5])
 x = np.random.default_rng(0).standard_normal((n, d), np.float32)
 u = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
 xj = jnp.asarray(x)
 mm = jax.jit(lambda a: a @ a.T)
 t = harness.compare({"matmul": lambda: mm(u), "cosine": lambda: jaxsim.cosine(xj)},
-                    repeats=repeats, min_sample_s=min_s)
+                    repeats=repeats, min_sample_s=min_s, idle_s=idle_s)
 err = float(np.max(np.abs(np.asarray(jaxsim.cosine(xj))[:64] - np.asarray(mm(u))[:64])))
 print(json.dumps({k: v.median for k, v in t.items()} | {"max_abs_diff": err}))
 """
 
 
-def _run_setting(name: str, n: int, d: int, repeats: int, min_s: float) -> dict:
+def _run_setting(name: str, n: int, d: int, repeats: int, min_s: float, idle_s: float) -> dict:
   flags, tunables = SETTINGS[name]
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
   if flags:
@@ -184,8 +185,8 @@ def _run_setting(name: str, n: int, d: int, repeats: int, min_s: float) -> dict:
     env["GLIBC_TUNABLES"] = tunables
   env["PYTHONPATH"] = os.pathsep.join(
       [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(repeats), str(min_s)],
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(repeats), str(min_s),
+                         str(idle_s)], env=env, capture_output=True, text=True, timeout=600)
   row = {"setting": name, "XLA_FLAGS": flags, "GLIBC_TUNABLES": tunables}
   if proc.returncode != 0:
     return row | {"status": "failed", "reason": proc.stderr.strip().splitlines()[-1:]}
@@ -203,7 +204,9 @@ def _flag_sweep(ctx: harness.Context) -> dict:
   names = QUICK_SETTINGS if ctx.quick else tuple(SETTINGS)
   repeats = ctx.args.repeats or (3 if ctx.quick else 5)
   min_s = ctx.args.min_sample_s if ctx.args.min_sample_s is not None else 0.2
-  rows = [_run_setting(name, n, d, repeats, min_s) for name in harness.progress(names, "flags")]
+  idle_s = ctx.args.idle_s if ctx.args.idle_s is not None else harness.IDLE_S
+  rows = [_run_setting(name, n, d, repeats, min_s, idle_s)
+          for name in harness.progress(names, "flags")]
   base = next((r for r in rows if r["setting"] == "default" and r["status"] == "ok"), None)
   for r in rows:
     if base is not None and r["status"] == "ok":
