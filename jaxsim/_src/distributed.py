@@ -52,11 +52,13 @@ def spans_processes(mesh: Mesh | None) -> bool:
   return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
 
 
-def check_mesh(mesh: Any, axis: str | tuple[str, ...] | None = None) -> tuple[str, ...]:
+def check_mesh(mesh: Any, axis: str | tuple[str, ...] | None = None
+               ) -> tuple[Mesh, tuple[str, ...]]:
   """Validates a mesh (and the axis names of it that rows are split over).
 
   Returns:
-    The axis names to split rows over: `axis`, or all of the mesh's axes.
+    The mesh with `Auto` axes (`sharding.check_mesh`), and the axis names to split rows
+    over: `axis`, or all of the mesh's axes.
 
   Raises:
     TypeError: `mesh` is not a `jax.sharding.Mesh`.
@@ -64,14 +66,15 @@ def check_mesh(mesh: Any, axis: str | tuple[str, ...] | None = None) -> tuple[st
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+  mesh = sharding.check_mesh(mesh)
   if axis is None:
-    return tuple(mesh.axis_names)
+    return mesh, tuple(mesh.axis_names)
   names = (axis,) if isinstance(axis, str) else tuple(axis)
   missing = [a for a in names if a not in mesh.axis_names]
   if missing:
     raise ValueError(f"`mesh` has no axis {missing[0]!r}: its axes are {mesh.axis_names} "
                      f"(mesh.shape={dict(mesh.shape)}).")
-  return names
+  return mesh, names
 
 
 def _is_global(x: Any) -> bool:
@@ -310,8 +313,7 @@ def shard_rows(local_rows: ArrayLike, mesh: Mesh, *,
     >>> len(rows), rows.shape
     (3, (3, 4))
   """
-  axes = check_mesh(mesh, axis)
-  mesh = sharding.check_mesh(mesh)
+  mesh, axes = check_mesh(mesh, axis)
   rows = _local_host(local_rows, "local_rows")
   me = jax.process_index()
   flat = list(mesh.devices.flat)
