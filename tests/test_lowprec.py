@@ -143,6 +143,26 @@ def test_topk_near_ties_fall_back_to_float32(centres, copies, n, q, monkeypatch)
   _assert_same(on, _topk(False, monkeypatch, queries, corpus, 12, metric="dot"))
 
 
+def test_topk_bfloat16_keeps_rows_within_twice_the_bound_below_the_kth(monkeypatch):
+  # The bfloat16 scan drops a row once its key lies 2 E below the k-th kept one
+  # (`_lowprec_topk`). Here k rows that bfloat16 rounds up come first, and rows that it
+  # rounds down come two blocks later: in float32 the late rows win by 0.3 s, in
+  # bfloat16 they lose by s = 2**-7, which lies between E (about 0.9 s for d = 2) and
+  # 2 E. Dropping rows at E below the k-th would lose them, and since every other row
+  # scores far lower, the certificate alone would not notice.
+  s, k = 2.0**-7, 10
+  rng = np.random.default_rng(46)
+  corpus = rng.uniform(0.0, 0.1, (4096, 2))
+  corpus[:k] = [1 + 0.6 * s, 1]  # float32 2 + 0.6 s, bfloat16 2 + s
+  late = np.arange(3000, 3000 + k // 2)
+  corpus[late] = 1 + 0.45 * s  # float32 2 + 0.9 s, bfloat16 2
+  queries = np.concatenate([np.ones((1, 2)), rng.uniform(0.0, 1.0, (63, 2))])
+  queries, corpus = queries.astype(np.float32), corpus.astype(np.float32)
+  on = _topk(True, monkeypatch, queries, corpus, k, metric="dot", block_size=1024)
+  np.testing.assert_array_equal(on[1][0], np.concatenate([late, np.arange(k // 2)]))
+  _assert_exact(on[1], queries, corpus, k, "dot")
+
+
 @pytest.mark.parametrize("metric", ["cosine", "scaled_dot"])
 def test_topk_bfloat16_non_finite_rows_as_in_float32(metric, monkeypatch):
   # A NaN query (all scores NaN, ranked by index) fails its certificate alone. Cosine:

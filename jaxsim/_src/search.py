@@ -39,8 +39,9 @@ from jaxsim._src import (
 # top-k element lies in one of those groups) and makes the costly per-row selection
 # work on 1/GROUP of the tile.
 GROUP = 32
-# The passing-group counts up to which `_merge_tile` gathers only the passing groups.
-FEW = (1, 2, 4, 8)
+# The passing-group counts up to which `_merge_tile` gathers only the passing groups
+# (those below the running width: 16 serves the bfloat16 scan's 24).
+FEW = (1, 2, 4, 8, 16)
 # Scores of -inf or NaN become the lowest finite value of the accumulation dtype, so
 # that they still rank below every real score but above padding and excluded entries
 # (-inf): padding can then never be returned.
@@ -55,7 +56,7 @@ def _keys(s: jax.Array, metric: str, keep: jax.Array) -> jax.Array:
 
 
 def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax.Array, k: int,
-                approx: bool, recall_target: float, axis: int = 1
+                approx: bool, recall_target: float, axis: int = 1, floor: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array]:
   """The running top-k of each row updated with one tile of keys.
 
@@ -77,6 +78,9 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
       `(b, c)`: the same keys transposed, as a triangle tile's column side holds them.
       Selecting down the columns reads the tile as it lies, where transposing it
       first costs a copy of the whole tile.
+    floor: optional `(c, 1)` keys below which a row's candidates are known not to
+      matter; groups are tested against it where it is above the k-th (see
+      `merge_groups`).
   """
   if axis == 0:
     b, c = key.shape
@@ -112,7 +116,7 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
     ids = (top[:, :, None] * GROUP + offsets).reshape(top.shape[0], -1) + first
     return cand.reshape(ids.shape), ids
 
-  return merge_groups(best, best_ids, group_max, gather, k)
+  return merge_groups(best, best_ids, group_max, gather, k, floor=floor)
 
 
 # The sparse path of `merge_groups`: at most 1 / SPARSE of a tile's rows with a passing
@@ -120,8 +124,8 @@ def _merge_tile(best: jax.Array, best_ids: jax.Array, key: jax.Array, first: jax
 SPARSE = 4
 
 
-def merge_groups(best: jax.Array, best_ids: jax.Array, group_max: jax.Array, gather, k: int
-                 ) -> tuple[jax.Array, jax.Array]:
+def merge_groups(best: jax.Array, best_ids: jax.Array, group_max: jax.Array, gather, k: int,
+                 *, floor: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The running top-k of each row updated with the groups of one tile that can enter it.
 
   Args:
@@ -132,6 +136,9 @@ def merge_groups(best: jax.Array, best_ids: jax.Array, group_max: jax.Array, gat
       ids of the groups `top` (`(r, m)`, ascending group indices) of every row, or of
       the rows `rows` (`(r,)`) only; groups in index order keep the candidates sorted by
       id, so that `top_k` (which breaks ties by position) breaks them by lower id.
+    floor: optional `(c, 1)` per-row keys: groups whose maximum is not above it (nor
+      above the k-th) are skipped. The caller vouches that no key below it can change
+      its result (the bfloat16 scan, `_lowprec_topk`). NaN is ignored.
 
   The branch follows the most passing groups in any row (see `_merge_tile`); when at
   most 1 / `SPARSE` of the rows have any, only those rows (padded with one that has
@@ -139,7 +146,8 @@ def merge_groups(best: jax.Array, best_ids: jax.Array, group_max: jax.Array, gat
   costs about 1 us a row whatever it finds.
   """
   c, groups = group_max.shape
-  passing = group_max > best[:, k - 1:]
+  kth = best[:, k - 1:]
+  passing = group_max > (kth if floor is None else jnp.where(floor > kth, floor, kth))
 
   def full(_):
     _, top = lax.top_k(group_max, k)
@@ -403,7 +411,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   acc = qp.aux.dtype
   n = jnp.asarray(n, jnp.int32)
 
-  def scan(tile, width, extra, finish=None, padded=padded, low=False, aside=()):
+  def scan(tile, width, extra, finish=None, padded=padded, low=False, aside=(), floor=None):
     """The streamed top-`width` keys that `tile(qp_block, block, bp, keep, *extra)`
     gives each tile, per device; `finish(best, ids, shard, offset, aux_max, padded,
     shift, *extra)` then maps each device's `(best, ids)` (with the largest finite corpus `aux` it
@@ -411,7 +419,8 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
     `*extra, *aside`: `aside` is passed to it only, not to `tile`). `padded`:
     the (padded) query rows, aux and ids. `low`: `bp.rows` are the blocks' prepared
     rows rounded to bfloat16 (`lowprec.split`), and `aux_max` the `lowprec.Norms`
-    maxima of the rows (those with a finite `aux`) instead."""
+    maxima of the rows (those with a finite `aux`) instead. `floor(best, extra_block,
+    aux_max)`: optional `(rows, 1)` keys for `_merge_tile`'s `floor`."""
     q_pad = padded[0].shape[0]
 
     def local(shard, offset, padded, extra, shift, n, aside):
@@ -441,7 +450,8 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
           if exclude_self:
             keep = keep & (ids[:, None] != cols[None, :])
           key = tile(qp_block, block, bp, keep, *more)
-          return _merge_tile(best, best_ids, key, first, width, approx, recall_target)
+          return _merge_tile(best, best_ids, key, first, width, approx, recall_target,
+                             floor=None if floor is None else floor(best, more, aux_max))
 
         best, best_ids = blockscan.block_map(one, (*carry[:2], *padded, *extra), block_size=qb)
         return best, best_ids, aux_max
@@ -591,8 +601,10 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
   """The exact top-k of inner-product metrics from a bfloat16 scan (`jaxsim._src.lowprec`).
 
   (1) Every tile is scored as bfloat16 x bfloat16 -> float32 and each query keeps its
-  `lowprec.width(k)` best keys; (2) each device rescores its candidates in float32
-  from its own rows and sorts them (ties to the lower id); (3) a query is certified
+  `lowprec.width(k)` best keys, less those more than twice the bound below its k-th
+  (they cannot be in the float32 top-k, and the merge skips them); (2) each device
+  rescores its candidates in float32 from its own rows and sorts them (ties to the
+  lower id); (3) a query is certified
   when, on every device, the width-th bfloat16 key plus the bound `E` (per query,
   against that device's corpus maxima) is strictly below the k-th rescored score:
   every row outside the candidates then scores, in float32, strictly below the k-th,
@@ -611,13 +623,13 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
   qsplit = lowprec.split(low_rows)
   width = lowprec.width(k)
 
-  def low_tile(qp_block, block, bp, keep):
+  def low_tile(qp_block, block, bp, keep, _):
     dots = lowprec.matmul_t(qp_block.rows, bp.rows)
     if metric == "cosine":
       dots = kernels.finish_cosine(dots, qp_block.aux[:, None], bp.aux[None, :])
     return _keys(dots, metric, keep)
 
-  def certify(hat, hat_ids, shard, offset, maxima, padded, shift, rows, aux, norms):
+  def certify(hat, hat_ids, shard, offset, maxima, padded, shift, norms, rows, aux):
     del padded
     best, best_ids = _rescore(
         (rows, aux), hat, hat_ids - offset,
@@ -631,8 +643,19 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
                       -jnp.inf)
     return best, best_ids + offset, floor
 
-  best, best_ids, floor = scan(low_tile, width, (), certify, padded=(qsplit.low, aux, ids),
-                               low=True, aside=(rows, aux, qsplit.norms))
+  def drop_below(best, more, maxima):
+    # A row whose bfloat16 key is more than 2 E below the k-th kept one scores, in
+    # float32, below each of the k rows kept at that time (their bounds use maxima
+    # no larger than these): it cannot be in the float32 top-k, so the scan need not
+    # keep it, and the certificate (below) is unchanged. The last term covers the
+    # rounding of this difference itself.
+    kth = best[:, k - 1:k]
+    e2 = 2.0 * lowprec.bound(more[0], maxima, d)[:, None]
+    return kth - e2 - (jnp.abs(kth) + e2) * 2.0**-20
+
+  best, best_ids, floor = scan(low_tile, width, (qsplit.norms,), certify,
+                               padded=(qsplit.low, aux, ids), low=True, aside=(rows, aux),
+                               floor=drop_below)
   best, best_ids = best[:, :k], best_ids[:, :k]
   # Not `floor >= kth`: a NaN bound must fail.
   open_ = ~jnp.all(floor < best[None, :, k - 1], axis=0) & (ids < q)
