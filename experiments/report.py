@@ -219,6 +219,13 @@ def search(results: Path) -> str | None:
     for n, b in planned.items():
       parts += [f"\nAt N={n} the dense route would need {harness.fmt_bytes(b)} (planned, not "
                 "run)."]
+  l2_rows = _rows(p, "search_l2")
+  if l2_rows:
+    r0 = l2_rows[0]
+    parts += ["", f"Exact top-{r0['k']} squared-Euclidean search, {r0['queries']} queries, "
+              f"d={r0['d']}, raw random rows, queries per second:", "",
+              pivot(l2_rows, "n", lambda r: f"{r['rate']:,.0f}", key_label="corpus n",
+                    key_fmt=lambda n: f"{n:,}")]
   checks = _targets(p, "search")
   if checks:
     parts += ["", _bullets(checks)]

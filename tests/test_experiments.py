@@ -191,6 +191,21 @@ def test_search_bench(results):
   assert len(stages) == 8 and all(r["error"] <= search_bench.RECALL_TOLERANCE
                                   for r in stages.values())
   assert "| float32 | " in report.stages(results)
+  l2 = _ok(p, "search_l2")
+  assert set(l2) == {search_bench.JAXSIM, search_bench.FAISS_L2, search_bench.SKLEARN}
+  assert all(r["error"] <= search_bench.RECALL_TOLERANCE for r in l2.values())
+
+
+def test_search_bench_l2_check_ranks_by_distance():
+  # Rows of different lengths: their nearest rows by distance and by cosine differ.
+  rng = np.random.default_rng(5)
+  q = rng.standard_normal((50, 16)).astype(np.float32)
+  c = (rng.standard_normal((400, 16)) * rng.uniform(0.2, 3.0, (400, 1))).astype(np.float32)
+  d = np.sum((q[:, None, :].astype(np.float64) - c[None, :, :]) ** 2, axis=-1)
+  outputs = {"distance": np.argsort(d, axis=1, kind="stable")[:, :5],
+             "cosine": search_bench.exact_topk(q, c, 5)}
+  errors = search_bench.recall_check(harness.Case(q=q, c=c, k=5), outputs, l2=True)
+  assert errors["distance"] == 0.0 and errors["cosine"] > 0.2
 
 
 @pytest.mark.parametrize("stage", list(search_bench.STAGES))

@@ -179,7 +179,7 @@ def _take(info, index):
   return tuple(v[index] for v in info)
 
 
-def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
+def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k, floors=(None, None)):
   """Both sides of an off-diagonal tile from its raw scores: one elementwise pass makes
   the keys, feeding the group maxima along the rows and down the columns, and only the
   chosen groups are gathered, from the raw tile, and keyed again."""
@@ -215,13 +215,13 @@ def _merge_lazy(rb, ri, cb, ci, lazy: _Lazy, row, col, r0, c0, k):
     cand = cand.reshape(pos.shape)
     return key_of(cand, _take(row, pos), _take(col, (rows, None))), pos + r0
 
-  rb, ri = search.merge_groups(rb, ri, row_max, gather_row, k)
-  cb, ci = search.merge_groups(cb, ci, col_max, gather_col, k)
+  rb, ri = search.merge_groups(rb, ri, row_max, gather_row, k, floor=floors[0])
+  cb, ci = search.merge_groups(cb, ci, col_max, gather_col, k, floor=floors[1])
   return rb, ri, cb, ci
 
 
 def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, lazy=None,
-          finish=None, part=None):
+          finish=None, part=None, drop=None):
   """Every row's streamed top-`width` over the triangle tiles, merged over devices.
 
   `prep(rows)` prepares a block (`kernels.Prepared`). `tile(rows, cols, rp, cp, r_ids,
@@ -233,7 +233,9 @@ def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, la
   `finish(best, ids, *extra)` maps each device's `(best, ids)` to `(best, ids, *more)`
   before the devices are merged; `more` comes back stacked per device. `part=(index,
   count)` (no mesh): only the `index`-th of `count` runs of the tiles, unmerged, as one
-  of `count` devices would walk them.
+  of `count` devices would walk them. `drop=(k, err)`: the keys are within `err` (`(n,)`,
+  per row, for every pair) of the exact ones, so each side skips the candidates that
+  `search._drop_below` rules out of its top-k.
   """
   n = x.shape[0]
   acc = kernels.accum_dtype(x.dtype)
@@ -257,20 +259,23 @@ def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, la
       r_ids, c_ids = r0 + offsets, c0 + offsets
       sl = lambda v, at: lax.dynamic_slice_in_dim(v, at, b)
       rb, ri, cb, ci = sl(best, r0), sl(ids, r0), sl(best, c0), sl(ids, c0)
+      floors = (None, None) if drop is None else (
+          search._drop_below(rb, drop[0], sl(drop[1], r0)[:, None]),
+          search._drop_below(cb, drop[0], sl(drop[1], c0)[:, None]))
 
       def keyed(rb, ri, cb, ci):
         keep = r_valid[:, None] & c_valid[None, :]
         row_key, col_key = tile(rows, cols, rp, cp, r_ids, c_ids, keep, *extra)
-        rb, ri = merge(rb, ri, row_key, first=c0)
+        rb, ri = merge(rb, ri, row_key, first=c0, floor=floors[0])
         # The diagonal tile holds its block's scores once; its column side would repeat
         # them.
         cb, ci = lax.cond(r0 == c0, lambda: (cb, ci),
-                          lambda: merge(cb, ci, col_key, first=r0, axis=0))
+                          lambda: merge(cb, ci, col_key, first=r0, axis=0, floor=floors[1]))
         return rb, ri, cb, ci
 
       def fast(rb, ri, cb, ci):
         return _merge_lazy(rb, ri, cb, ci, lazy(rp, cp, *extra), _side_info(rp.aux, r_valid),
-                           _side_info(cp.aux, c_valid), r0, c0, width)
+                           _side_info(cp.aux, c_valid), r0, c0, width, floors)
 
       if lazy is None:
         rb, ri, cb, ci = keyed(rb, ri, cb, ci)
@@ -346,6 +351,7 @@ def _topk_self(x, index=None, *, k, metric, block, exclude_self, approx, recall_
   width = min(k + refine.TOPK_EXTRA, x.shape[0])
   aux = prep(x).aux
   aux_max = jnp.max(jnp.where(jnp.isfinite(aux), aux, 0.0))
+  err = refine.error_bound(aux, aux_max[None], d, x.dtype)[:, 0]
 
   def expansion(rows, cols, rp, cp, r_ids, c_ids, keep):
     s = kernels.score(rp, cp, "sq_euclidean", precision=precision)
@@ -377,13 +383,13 @@ def _topk_self(x, index=None, *, k, metric, block, exclude_self, approx, recall_
     best, ids = blockscan.block_scan(refine_rows, (hat, hat_ids), x, block_size=qr,
                                      pad_tail=False, remat=False)
     # Every row this device scored for row i outside its candidates has an expansion
-    # >= the worst candidate's, hence a squared distance >= `floor`.
-    err = refine.error_bound(aux, aux_max[None], d, x.dtype)[:, 0]
+    # >= the worst candidate's, hence a squared distance >= `floor`, or was dropped as
+    # out of the top-k (`drop`).
     floor = jnp.where(worst > -jnp.inf, -worst - err, jnp.inf)
     return best, ids, floor
 
   best, ids, floor = _scan(x, prep, expansion, width, (), lazy=expansion_lazy,
-                           finish=exact_candidates, **opts)
+                           finish=exact_candidates, drop=(k, err), **opts)
   best, ids = best[:, :k], ids[:, :k]
   kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
   open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0)

@@ -419,8 +419,10 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
     `*extra, *aside`: `aside` is passed to it only, not to `tile`). `padded`:
     the (padded) query rows, aux and ids. `low`: `bp.rows` are the blocks' prepared
     rows rounded to bfloat16 (`lowprec.split`), and `aux_max` the `lowprec.Norms`
-    maxima of the rows (those with a finite `aux`) instead. `floor(best, extra_block,
-    aux_max)`: optional `(rows, 1)` keys for `_merge_tile`'s `floor`."""
+    maxima of the rows (those with a finite `aux`) instead. `floor(best, aux,
+    extra_block, aux_max)`: optional `(rows, 1)` keys for `_merge_tile`'s `floor`, from
+    a query block's running top-`width`, its queries' `aux` and the corpus maxima so
+    far, this block's included."""
     q_pad = padded[0].shape[0]
 
     def local(shard, offset, padded, extra, shift, n, aside):
@@ -451,7 +453,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
             keep = keep & (ids[:, None] != cols[None, :])
           key = tile(qp_block, block, bp, keep, *more)
           return _merge_tile(best, best_ids, key, first, width, approx, recall_target,
-                             floor=None if floor is None else floor(best, more, aux_max))
+                             floor=None if floor is None else floor(best, aux, more, aux_max))
 
         best, best_ids = blockscan.block_map(one, (*carry[:2], *padded, *extra), block_size=qb)
         return best, best_ids, aux_max
@@ -507,7 +509,8 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
     best, best_ids = _refine_candidates(a, hat, hat_ids - offset, shard, shift, prepare_block,
                                         raw=raw)
     # Every row of this shard outside its candidates has an expansion >= the worst
-    # candidate's, hence a squared distance >= `floor` (-inf: all rows are candidates).
+    # candidate's, hence a squared distance >= `floor` (-inf: all rows are candidates),
+    # or was dropped as out of the top-k (`_drop_below`).
     err = refine.error_bound(padded[1], aux_max[None], d, in_dtype)[:, 0]
     floor = jnp.where(hat[:, -1] > -jnp.inf, -hat[:, -1] - err, jnp.inf)
     return best, best_ids + offset, floor
@@ -515,7 +518,9 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   best, best_ids, floor = scan(
       lambda qp_block, block, bp, keep, _: _keys(
           kernels.score(qp_block, bp, "sq_euclidean", precision=precision), metric, keep),
-      width, (a,), exact_candidates)
+      width, (a,), exact_candidates,
+      floor=lambda best, aux, _, aux_max: _drop_below(
+          best, k, refine.error_bound(aux, aux_max[None], d, in_dtype)))
   best, best_ids = best[:, :k], best_ids[:, :k]
   kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
   open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0) & (padded[2] < q)
@@ -541,6 +546,18 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   # Non-finite distances rank last, reported as the largest finite value; abs also
   # turns the -0.0 of a negated zero key into 0.0.
   return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
+
+
+def _drop_below(best: jax.Array, k: int, err: jax.Array) -> jax.Array:
+  """`merge_groups`' `floor` for a scan whose keys lie within `err` (`(c, 1)`) of the
+  exact ones, for every row seen so far.
+
+  A row whose key lies more than `2 err` below the k-th of `best` is, exactly, below
+  each of the k rows kept there: it cannot be in the exact top-k, so the scan need not
+  keep it. The last term covers the rounding of this difference itself.
+  """
+  kth = best[:, k - 1:k]
+  return kth - 2.0 * err - (jnp.abs(kth) + 2.0 * err) * 2.0**-20
 
 
 def _rescore(queries, hat, ids, gather, score):
@@ -638,24 +655,16 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
             kernels.Prepared(qa[0][:, None, :], qa[1][:, None]), cand, metric,
             precision=precision)[:, 0, :], metric, keep))
     # Rows outside the candidates have bfloat16 keys <= the width-th, so float32
-    # scores <= `floor`; with fewer valid rows than the width, all are candidates.
+    # scores <= `floor`, or were dropped as out of the top-k (`_drop_below`); with
+    # fewer valid rows than the width, all are candidates.
     floor = jnp.where(hat[:, -1] > -jnp.inf, hat[:, -1] + lowprec.bound(norms, maxima, d),
                       -jnp.inf)
     return best, best_ids + offset, floor
 
-  def drop_below(best, more, maxima):
-    # A row whose bfloat16 key is more than 2 E below the k-th kept one scores, in
-    # float32, below each of the k rows kept at that time (their bounds use maxima
-    # no larger than these): it cannot be in the float32 top-k, so the scan need not
-    # keep it, and the certificate (below) is unchanged. The last term covers the
-    # rounding of this difference itself.
-    kth = best[:, k - 1:k]
-    e2 = 2.0 * lowprec.bound(more[0], maxima, d)[:, None]
-    return kth - e2 - (jnp.abs(kth) + e2) * 2.0**-20
-
   best, best_ids, floor = scan(low_tile, width, (qsplit.norms,), certify,
                                padded=(qsplit.low, aux, ids), low=True, aside=(rows, aux),
-                               floor=drop_below)
+                               floor=lambda best, _, more, maxima: _drop_below(
+                                   best, k, lowprec.bound(more[0], maxima, d)[:, None]))
   best, best_ids = best[:, :k], best_ids[:, :k]
   # Not `floor >= kth`: a NaN bound must fail.
   open_ = ~jnp.all(floor < best[None, :, k - 1], axis=0) & (ids < q)
