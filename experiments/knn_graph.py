@@ -20,12 +20,19 @@ indices are compared with the float64 top-10 of a seeded sample of rows (1 - rec
 random float32 data has a near tie at the 10th place for about one row in a thousand).
 Goals: the triangle at least 1.3x faiss and 1.3x the two-sided search.
 
+`knn_graph_l2`: the same graph by squared Euclidean distance on raw rows of d = 128 (the
+graph UMAP and t-SNE start from): the triangle and the two-sided search with
+`metric="sq_euclidean"` against "faiss IndexFlatL2" (k=11, the self match dropped),
+checked against the float64 distances.
+
 Run: `python -m experiments.knn_graph --out results` (n = 30,000; a few minutes on 2
 CPUs), or `--quick` (n = 8,192, about a minute). `--block-size` sets the triangle's
 square tiles (default: 1024 rows on CPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +48,7 @@ TRIANGLE = "jaxsim.topk(x, None)"
 ONE_PROGRAM = "jaxsim.topk(x, None), one program"
 TWO_SIDED = "jaxsim.topk(x, x)"
 FAISS = "faiss IndexFlatIP"
+FAISS_L2 = "faiss IndexFlatL2"
 K = 10
 RECALL_TOLERANCE = 2e-3
 CHECK_ROWS = 1024
@@ -62,24 +70,29 @@ def setup(point: dict, ctx: harness.Context) -> harness.Case:
   return harness.Case(x=x, u=_normalise(x), xj=jnp.asarray(x), k=point["k"], args=ctx.args)
 
 
-def exact_graph(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-  """float64 cosine top-k of `x[rows]` among the other rows of `x`."""
+def exact_graph(x: np.ndarray, rows: np.ndarray, k: int, *, l2: bool = False) -> np.ndarray:
+  """float64 cosine (`l2`: squared-distance) top-k of `x[rows]` among the other rows of `x`."""
   u = x.astype(np.float64)
-  u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-300)
-  scores = u[rows] @ u.T
+  if l2:
+    sq = np.sum(u**2, axis=1)
+    scores = 2.0 * (u[rows] @ u.T) - sq[rows, None] - sq[None, :]
+  else:
+    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-300)
+    scores = u[rows] @ u.T
   scores[np.arange(len(rows)), rows] = -np.inf
   part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
   order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
   return np.take_along_axis(part, order, axis=1)
 
 
-def recall_check(case: harness.Case, outputs: dict) -> dict:
-  """1 - recall@k of each candidate against float64, over a seeded sample of rows."""
+def recall_check(case: harness.Case, outputs: dict, *, l2: bool = False) -> dict:
+  """1 - recall@k of each candidate against float64 (by cosine, or `l2`: by distance),
+  over a seeded sample of rows."""
   n = len(case.x)
   rows = np.arange(n)
   if n > CHECK_ROWS:
     rows = np.sort(np.random.default_rng(0).choice(n, CHECK_ROWS, replace=False))
-  ref = exact_graph(case.x, rows, case.k)
+  ref = exact_graph(case.x, rows, case.k, l2=l2)
   return {name: 1.0 - float(np.mean([len(set(a) & set(b)) / case.k
                                      for a, b in zip(np.asarray(idx)[rows], ref, strict=True)]))
           for name, idx in outputs.items()}
@@ -141,7 +154,43 @@ KNN_GRAPH = Benchmark(
     note=f"x {FAISS}: faiss's time / this row's time; the check is 1 - recall@{K} against "
          "float64",
 )
-BENCHMARKS = [KNN_GRAPH]
+
+
+def _faiss_l2(c: harness.Case) -> harness.Case:
+  import faiss
+
+  index = faiss.IndexFlatL2(c.x.shape[1])
+  index.add(c.x)
+  return harness.Case(index=index, x=c.x, k=c.k)
+
+
+def _l2_graph(c: harness.Case, corpus):
+  return jaxsim.topk(c.xj, corpus, c.k, metric="sq_euclidean", exclude_self=True,
+                     block_size=c.args.block_size if corpus is None else None)
+
+
+KNN_GRAPH_L2 = Benchmark(
+    name="knn_graph_l2",
+    title=f"kNN graph: the top-{K} squared-Euclidean neighbours of every row of n x 128 raw "
+          "rows, float32",
+    grid=Grid(quick={"n": [4096], "d": [128], "k": [K]},
+              full={"n": [30_000], "d": [128], "k": [K]}),
+    setup=setup,
+    candidates=[
+        Candidate(TRIANGLE, lambda c: _l2_graph(c, None), output=_indices),
+        Candidate(TWO_SIDED, lambda c: _l2_graph(c, c.xj), output=_indices),
+        Candidate(FAISS_L2, lambda f: f.index.search(f.x, f.k + 1), prepare=_faiss_l2,
+                  output=lambda out: drop_self(out[1])),
+    ],
+    check=functools.partial(recall_check, l2=True),
+    tolerance=RECALL_TOLERANCE,
+    work=lambda p: p["n"], rate_unit="rows/s",
+    baseline=FAISS_L2,
+    timing={"warmup": 1},
+    note=f"x {FAISS_L2}: faiss's time / this row's time; the check is 1 - recall@{K} against "
+         "the float64 distances",
+)
+BENCHMARKS = [KNN_GRAPH, KNN_GRAPH_L2]
 
 
 def _arguments(p) -> None:

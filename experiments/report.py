@@ -348,7 +348,7 @@ TABLES: dict[str, Callable[[Path], str | None]] = {
     "stages": stages,
     "embedding": embedding, "attention": attention,
     "numerics": benchmarks("numerics_bench", "euclidean_refinement"),
-    "knn_graph": benchmarks("knn_graph", "knn_graph"),
+    "knn_graph": benchmarks("knn_graph", "knn_graph", "knn_graph_l2"),
     "self_stats": benchmarks("tiles", "self_stats", "triangle_step"),
     "tile_sweep": benchmarks("tiles", "tile_matmul",
                              fmt=lambda r: f"{r['rate']:.0f}" if r.get("rate") else _time(r)),

@@ -254,6 +254,9 @@ def test_knn_graph(results):
   targets = p["benchmarks"]["knn_graph"]["targets"]
   assert {(t["candidate"], t["baseline"]) for t in targets} == {
       (knn_graph.TRIANGLE, knn_graph.FAISS), (knn_graph.TRIANGLE, knn_graph.TWO_SIDED)}
+  l2 = _ok(p, "knn_graph_l2")
+  assert set(l2) == {knn_graph.TRIANGLE, knn_graph.TWO_SIDED, knn_graph.FAISS_L2}
+  assert all(r["error"] <= knn_graph.RECALL_TOLERANCE for r in l2.values())
 
 
 def test_knn_graph_reference_and_drop_self():
@@ -262,6 +265,10 @@ def test_knn_graph_reference_and_drop_self():
   s = reference.cosine(x, x)
   np.fill_diagonal(s, -np.inf)
   np.testing.assert_array_equal(knn_graph.exact_graph(x, rows, 4), reference.topk(s, 4)[1][rows])
+  d = -reference.METRICS["sq_euclidean"](x, x)
+  np.fill_diagonal(d, -np.inf)
+  np.testing.assert_array_equal(knn_graph.exact_graph(x, rows, 4, l2=True),
+                                reference.topk(d, 4)[1][rows])
   # The row's own id is dropped wherever it is; without it, the last neighbour is.
   np.testing.assert_array_equal(knn_graph.drop_self(np.array([[0, 3, 4], [2, 1, 5], [0, 3, 4]])),
                                 [[3, 4], [2, 5], [0, 3]])

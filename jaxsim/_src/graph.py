@@ -235,7 +235,7 @@ def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, la
   count)` (no mesh): only the `index`-th of `count` runs of the tiles, unmerged, as one
   of `count` devices would walk them. `drop=(k, err)`: the keys are within `err` (`(n,)`,
   per row, for every pair) of the exact ones, so each side skips the candidates that
-  `search._drop_below` rules out of its top-k.
+  `search.drop_below` rules out of its top-k.
   """
   n = x.shape[0]
   acc = kernels.accum_dtype(x.dtype)
@@ -260,8 +260,8 @@ def _scan(x, prep, tile, width, extra, *, block, mesh, approx, recall_target, la
       sl = lambda v, at: lax.dynamic_slice_in_dim(v, at, b)
       rb, ri, cb, ci = sl(best, r0), sl(ids, r0), sl(best, c0), sl(ids, c0)
       floors = (None, None) if drop is None else (
-          search._drop_below(rb, drop[0], sl(drop[1], r0)[:, None]),
-          search._drop_below(cb, drop[0], sl(drop[1], c0)[:, None]))
+          search.drop_below(rb, drop[0], sl(drop[1], r0)[:, None]),
+          search.drop_below(cb, drop[0], sl(drop[1], c0)[:, None]))
 
       def keyed(rb, ri, cb, ci):
         keep = r_valid[:, None] & c_valid[None, :]

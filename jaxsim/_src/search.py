@@ -138,7 +138,7 @@ def merge_groups(best: jax.Array, best_ids: jax.Array, group_max: jax.Array, gat
       id, so that `top_k` (which breaks ties by position) breaks them by lower id.
     floor: optional `(c, 1)` per-row keys: groups whose maximum is not above it (nor
       above the k-th) are skipped. The caller vouches that no key below it can change
-      its result (the bfloat16 scan, `_lowprec_topk`). NaN is ignored.
+      its result (`drop_below`). NaN is ignored.
 
   The branch follows the most passing groups in any row (see `_merge_tile`); when at
   most 1 / `SPARSE` of the rows have any, only those rows (padded with one that has
@@ -510,7 +510,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
                                         raw=raw)
     # Every row of this shard outside its candidates has an expansion >= the worst
     # candidate's, hence a squared distance >= `floor` (-inf: all rows are candidates),
-    # or was dropped as out of the top-k (`_drop_below`).
+    # or was dropped as out of the top-k (`drop_below`).
     err = refine.error_bound(padded[1], aux_max[None], d, in_dtype)[:, 0]
     floor = jnp.where(hat[:, -1] > -jnp.inf, -hat[:, -1] - err, jnp.inf)
     return best, best_ids + offset, floor
@@ -519,7 +519,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
       lambda qp_block, block, bp, keep, _: _keys(
           kernels.score(qp_block, bp, "sq_euclidean", precision=precision), metric, keep),
       width, (a,), exact_candidates,
-      floor=lambda best, aux, _, aux_max: _drop_below(
+      floor=lambda best, aux, _, aux_max: drop_below(
           best, k, refine.error_bound(aux, aux_max[None], d, in_dtype)))
   best, best_ids = best[:, :k], best_ids[:, :k]
   kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
@@ -548,7 +548,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   return jnp.abs(jnp.where(dist <= -lowest, dist, -lowest)), best_ids[:q]
 
 
-def _drop_below(best: jax.Array, k: int, err: jax.Array) -> jax.Array:
+def drop_below(best: jax.Array, k: int, err: jax.Array) -> jax.Array:
   """`merge_groups`' `floor` for a scan whose keys lie within `err` (`(c, 1)`) of the
   exact ones, for every row seen so far.
 
@@ -621,15 +621,14 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
   `lowprec.width(k)` best keys, less those more than twice the bound below its k-th
   (they cannot be in the float32 top-k, and the merge skips them); (2) each device
   rescores its candidates in float32 from its own rows and sorts them (ties to the
-  lower id); (3) a query is certified
-  when, on every device, the width-th bfloat16 key plus the bound `E` (per query,
-  against that device's corpus maxima) is strictly below the k-th rescored score:
-  every row outside the candidates then scores, in float32, strictly below the k-th,
-  so the rescored top-k is the float32 search's (to last-bit rounding). (4) Queries
-  that fail (near-ties at the bound's scale, duplicate rows, non-finite or huge rows)
-  are searched again with the float32 scan: the few (up to `FALLBACK_ROWS`, or one
-  query in `FALLBACK_SHARE`) gathered into one small pass, more in a full pass; none,
-  the usual case, costs nothing (`lax.switch`).
+  lower id); (3) a query is certified when, on every device, the width-th bfloat16
+  key plus the bound `E` (per query, against that device's corpus maxima) is strictly
+  below the k-th rescored score: every row outside the candidates then scores, in
+  float32, strictly below the k-th, so the rescored top-k is the float32 search's (to
+  last-bit rounding). (4) Queries that fail (near-ties at the bound's scale, duplicate
+  rows, non-finite or huge rows) are searched again with the float32 scan: the few (up
+  to `FALLBACK_ROWS`, or one query in `FALLBACK_SHARE`) gathered into one small pass,
+  more in a full pass; none, the usual case, costs nothing (`lax.switch`).
   """
   rows, aux, ids = padded
   d = rows.shape[-1]
@@ -655,7 +654,7 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
             kernels.Prepared(qa[0][:, None, :], qa[1][:, None]), cand, metric,
             precision=precision)[:, 0, :], metric, keep))
     # Rows outside the candidates have bfloat16 keys <= the width-th, so float32
-    # scores <= `floor`, or were dropped as out of the top-k (`_drop_below`); with
+    # scores <= `floor`, or were dropped as out of the top-k (`drop_below`); with
     # fewer valid rows than the width, all are candidates.
     floor = jnp.where(hat[:, -1] > -jnp.inf, hat[:, -1] + lowprec.bound(norms, maxima, d),
                       -jnp.inf)
@@ -663,7 +662,7 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
 
   best, best_ids, floor = scan(low_tile, width, (qsplit.norms,), certify,
                                padded=(qsplit.low, aux, ids), low=True, aside=(rows, aux),
-                               floor=lambda best, _, more, maxima: _drop_below(
+                               floor=lambda best, _, more, maxima: drop_below(
                                    best, k, lowprec.bound(more[0], maxima, d)[:, None]))
   best, best_ids = best[:, :k], best_ids[:, :k]
   # Not `floor >= kth`: a NaN bound must fail.
