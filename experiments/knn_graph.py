@@ -171,7 +171,7 @@ def _l2_graph(c: harness.Case, corpus):
 
 KNN_GRAPH_L2 = Benchmark(
     name="knn_graph_l2",
-    title=f"kNN graph: the top-{K} squared-Euclidean neighbours of every row of n x 128 raw "
+    title=f"kNN graph: the top-{K} squared-Euclidean neighbours of every row of n x d raw "
           "rows, float32",
     grid=Grid(quick={"n": [4096], "d": [128], "k": [K]},
               full={"n": [30_000], "d": [128], "k": [K]}),

@@ -47,7 +47,7 @@ Four parts:
    top-k by distance.
 
 `--data minilm` uses the all-MiniLM-L6-v2 token table (30,522 x 384) as the corpus
-and its first rows as queries instead of random data.
+and its first rows as queries instead of random data (parts 1 and 2).
 
 Run: `python -m experiments.search_bench --out results` (a few minutes on 2 CPUs), or
 `--quick` (under a minute).
