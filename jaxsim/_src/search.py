@@ -411,7 +411,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
   acc = qp.aux.dtype
   n = jnp.asarray(n, jnp.int32)
 
-  def scan(tile, width, extra, finish=None, padded=padded, low=False, aside=(), floor=None):
+  def scan(tile, width, extra, finish=None, padded=padded, low=False, aside=(), err=None):
     """The streamed top-`width` keys that `tile(qp_block, block, bp, keep, *extra)`
     gives each tile, per device; `finish(best, ids, shard, offset, aux_max, padded,
     shift, *extra)` then maps each device's `(best, ids)` (with the largest finite corpus `aux` it
@@ -419,10 +419,10 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
     `*extra, *aside`: `aside` is passed to it only, not to `tile`). `padded`:
     the (padded) query rows, aux and ids. `low`: `bp.rows` are the blocks' prepared
     rows rounded to bfloat16 (`lowprec.split`), and `aux_max` the `lowprec.Norms`
-    maxima of the rows (those with a finite `aux`) instead. `floor(best, aux,
-    extra_block, aux_max)`: optional `(rows, 1)` keys for `_merge_tile`'s `floor`, from
-    a query block's running top-`width`, its queries' `aux` and the corpus maxima so
-    far, this block's included."""
+    maxima of the rows (those with a finite `aux`) instead. `err(aux, extra_block,
+    aux_max)`: optional `(rows, 1)` bound on how far a query block's keys lie from the
+    exact ones, from its queries' `aux` and the corpus maxima so far (this block's
+    included); the merge then skips what `drop_below` rules out of the top-`k`."""
     q_pad = padded[0].shape[0]
 
     def local(shard, offset, padded, extra, shift, n, aside):
@@ -452,8 +452,9 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
           if exclude_self:
             keep = keep & (ids[:, None] != cols[None, :])
           key = tile(qp_block, block, bp, keep, *more)
+          floor = None if err is None else drop_below(best, k, err(aux, more, aux_max))
           return _merge_tile(best, best_ids, key, first, width, approx, recall_target,
-                             floor=None if floor is None else floor(best, aux, more, aux_max))
+                             floor=floor)
 
         best, best_ids = blockscan.block_map(one, (*carry[:2], *padded, *extra), block_size=qb)
         return best, best_ids, aux_max
@@ -519,8 +520,7 @@ def topk_prepared(qp: kernels.Prepared, corpus, shift: jax.Array, prepare_block,
       lambda qp_block, block, bp, keep, _: _keys(
           kernels.score(qp_block, bp, "sq_euclidean", precision=precision), metric, keep),
       width, (a,), exact_candidates,
-      floor=lambda best, aux, _, aux_max: drop_below(
-          best, k, refine.error_bound(aux, aux_max[None], d, in_dtype)))
+      err=lambda aux, _, aux_max: refine.error_bound(aux, aux_max[None], d, in_dtype))
   best, best_ids = best[:, :k], best_ids[:, :k]
   kth = -best[:, k - 1]  # the k-th direct squared distance (+inf when non-finite)
   open_ = jnp.isfinite(kth) & jnp.any(floor <= kth[None, :], axis=0) & (padded[2] < q)
@@ -660,10 +660,9 @@ def _lowprec_topk(scan, exact_tile, padded, q, *, k, metric, corpus, prepare_blo
                       -jnp.inf)
     return best, best_ids + offset, floor
 
-  best, best_ids, floor = scan(low_tile, width, (qsplit.norms,), certify,
-                               padded=(qsplit.low, aux, ids), low=True, aside=(rows, aux),
-                               floor=lambda best, _, more, maxima: drop_below(
-                                   best, k, lowprec.bound(more[0], maxima, d)[:, None]))
+  best, best_ids, floor = scan(
+      low_tile, width, (qsplit.norms,), certify, padded=(qsplit.low, aux, ids), low=True,
+      aside=(rows, aux), err=lambda _, more, maxima: lowprec.bound(more[0], maxima, d)[:, None])
   best, best_ids = best[:, :k], best_ids[:, :k]
   # Not `floor >= kth`: a NaN bound must fail.
   open_ = ~jnp.all(floor < best[None, :, k - 1], axis=0) & (ids < q)
