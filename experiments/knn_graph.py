@@ -98,12 +98,14 @@ def recall_check(case: harness.Case, outputs: dict, *, l2: bool = False) -> dict
           for name, idx in outputs.items()}
 
 
-def _faiss(c: harness.Case) -> harness.Case:
+def _faiss(c: harness.Case, l2: bool = False) -> harness.Case:
+  """faiss's exact index of the unit rows (`l2`: `IndexFlatL2` of the raw rows)."""
   import faiss
 
-  index = faiss.IndexFlatIP(c.u.shape[1])
-  index.add(c.u)
-  return harness.Case(index=index, u=c.u, k=c.k)
+  rows = c.x if l2 else c.u
+  index = (faiss.IndexFlatL2 if l2 else faiss.IndexFlatIP)(rows.shape[1])
+  index.add(rows)
+  return harness.Case(index=index, rows=rows, k=c.k)
 
 
 def drop_self(idx: np.ndarray) -> np.ndarray:
@@ -142,7 +144,7 @@ KNN_GRAPH = Benchmark(
                   output=_indices),
         Candidate(TWO_SIDED, lambda c: jaxsim.topk(c.xj, c.xj, c.k, exclude_self=True),
                   output=_indices),
-        Candidate(FAISS, lambda f: f.index.search(f.u, f.k + 1), prepare=_faiss,
+        Candidate(FAISS, lambda f: f.index.search(f.rows, f.k + 1), prepare=_faiss,
                   output=lambda out: drop_self(out[1])),
     ],
     check=recall_check,
@@ -154,14 +156,6 @@ KNN_GRAPH = Benchmark(
     note=f"x {FAISS}: faiss's time / this row's time; the check is 1 - recall@{K} against "
          "float64",
 )
-
-
-def _faiss_l2(c: harness.Case) -> harness.Case:
-  import faiss
-
-  index = faiss.IndexFlatL2(c.x.shape[1])
-  index.add(c.x)
-  return harness.Case(index=index, x=c.x, k=c.k)
 
 
 def _l2_graph(c: harness.Case, corpus):
@@ -179,7 +173,8 @@ KNN_GRAPH_L2 = Benchmark(
     candidates=[
         Candidate(TRIANGLE, lambda c: _l2_graph(c, None), output=_indices),
         Candidate(TWO_SIDED, lambda c: _l2_graph(c, c.xj), output=_indices),
-        Candidate(FAISS_L2, lambda f: f.index.search(f.x, f.k + 1), prepare=_faiss_l2,
+        Candidate(FAISS_L2, lambda f: f.index.search(f.rows, f.k + 1),
+                  prepare=functools.partial(_faiss, l2=True),
                   output=lambda out: drop_self(out[1])),
     ],
     check=functools.partial(recall_check, l2=True),

@@ -200,15 +200,15 @@ def search(results: Path) -> str | None:
   if p is None:
     return None
   rows = _rows(p, "search")
+  rates = lambda rows: pivot(rows, "n", lambda r: f"{r['rate']:,.0f}", key_label="corpus n",
+                             key_fmt=lambda n: f"{n:,}")
   parts = []
   if rows:
     r0 = rows[0]
     worst = max((r.get("error") or 0.0 for r in rows if r["status"] == "ok"), default=0.0)
     parts += [f"Exact top-{r0['k']} cosine search, {r0['queries']} queries, d={r0['d']}, "
               f"queries per second (every candidate's top-{r0['k']} recall against float64 "
-              f"is at least {1 - worst:.3f}):", "",
-              pivot(rows, "n", lambda r: f"{r['rate']:,.0f}", key_label="corpus n",
-                    key_fmt=lambda n: f"{n:,}")]
+              f"is at least {1 - worst:.3f}):", "", rates(rows)]
   self_rows = _rows(p, "self_topk")
   if self_rows:
     planned = p["benchmarks"]["self_topk"]["analysis"].get("dense_planned_bytes", {})
@@ -223,9 +223,7 @@ def search(results: Path) -> str | None:
   if l2_rows:
     r0 = l2_rows[0]
     parts += ["", f"Exact top-{r0['k']} squared-Euclidean search, {r0['queries']} queries, "
-              f"d={r0['d']}, raw random rows, queries per second:", "",
-              pivot(l2_rows, "n", lambda r: f"{r['rate']:,.0f}", key_label="corpus n",
-                    key_fmt=lambda n: f"{n:,}")]
+              f"d={r0['d']}, raw random rows, queries per second:", "", rates(l2_rows)]
   checks = _targets(p, "search")
   if checks:
     parts += ["", _bullets(checks)]

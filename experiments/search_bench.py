@@ -180,10 +180,10 @@ def _torch_st(queries, corpus, k, query_chunk=100, corpus_chunk=500_000):
   return torch.cat(best_s), torch.cat(best_i)
 
 
-def _faiss(c: harness.Case):
+def _faiss(c: harness.Case, kind: str = "IndexFlatIP"):
   import faiss
 
-  index = faiss.IndexFlatIP(c.c.shape[1])
+  index = getattr(faiss, kind)(c.c.shape[1])
   index.add(c.c)
   return harness.Case(index=index, q=c.q, k=c.k)
 
@@ -194,10 +194,10 @@ def _torch_inputs(c: harness.Case):
   return harness.Case(q=torch.from_numpy(c.q), c=torch.from_numpy(c.c), k=c.k)
 
 
-def _sklearn(c: harness.Case):
+def _sklearn(c: harness.Case, metric: str = "cosine"):
   from sklearn.neighbors import NearestNeighbors
 
-  nn = NearestNeighbors(n_neighbors=c.k, algorithm="brute", metric="cosine").fit(c.c)
+  nn = NearestNeighbors(n_neighbors=c.k, algorithm="brute", metric=metric).fit(c.c)
   return harness.Case(nn=nn, q=c.q)
 
 
@@ -423,21 +423,6 @@ def l2_setup(point: dict, ctx: harness.Context) -> harness.Case:
                       k=point["k"], args=ctx.args)
 
 
-def _faiss_l2(c: harness.Case):
-  import faiss
-
-  index = faiss.IndexFlatL2(c.c.shape[1])
-  index.add(c.c)
-  return harness.Case(index=index, q=c.q, k=c.k)
-
-
-def _sklearn_l2(c: harness.Case):
-  from sklearn.neighbors import NearestNeighbors
-
-  nn = NearestNeighbors(n_neighbors=c.k, algorithm="brute", metric="euclidean").fit(c.c)
-  return harness.Case(nn=nn, q=c.q)
-
-
 SEARCH_L2 = Benchmark(
     name="search_l2",
     title=f"Exact top-{K} squared-Euclidean search: queries against a corpus of n raw rows, "
@@ -449,9 +434,10 @@ SEARCH_L2 = Benchmark(
         Candidate(JAXSIM, lambda c: jaxsim.topk(c.qj, c.cj, c.k, metric="sq_euclidean",
                                                 block_size=c.args.block_size),
                   output=_indices),
-        Candidate(FAISS_L2, lambda f: f.index.search(f.q, f.k), prepare=_faiss_l2,
-                  output=_indices),
-        Candidate(SKLEARN, lambda s: s.nn.kneighbors(s.q), prepare=_sklearn_l2,
+        Candidate(FAISS_L2, lambda f: f.index.search(f.q, f.k),
+                  prepare=functools.partial(_faiss, kind="IndexFlatL2"), output=_indices),
+        Candidate(SKLEARN, lambda s: s.nn.kneighbors(s.q),
+                  prepare=functools.partial(_sklearn, metric="euclidean"),
                   output=lambda out: np.asarray(out[1]),
                   when=lambda p: p["n"] * p["queries"] <= 2**28),
     ],
